@@ -19,7 +19,9 @@ pub struct SenderSequenceNumber(pub u64);
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum SequenceError {
     /// §7.2.1: the context must not be used any more; a new one has to be established.
-    #[error("sender sequence numbers exhausted (2^40-1 reached); the security context must be renewed")]
+    #[error(
+        "sender sequence numbers exhausted (2^40-1 reached); the security context must be renewed"
+    )]
     Exhausted,
     /// App. B.1.1: the next number is not yet covered by a persisted high-water mark.
     #[error("sender sequence number {next} is not yet covered by the persisted mark {persisted}")]
