@@ -4,4 +4,5 @@
 //! `client` (and later `transport`).
 
 pub mod coap;
+pub mod credentials;
 pub mod oscore;
