@@ -145,9 +145,12 @@ fn seed_example_get_and_put_10k_are_oscore_on_the_wire() {
         "{}",
         show("response code on stderr", &out)
     );
-    assert!(
-        fs::read(&got).unwrap() == big,
-        "downloaded file differs from data/big10k.txt"
+    let downloaded = fs::read(&got).unwrap_or_default();
+    assert_same_bytes(
+        "GET big10k.txt -o",
+        &downloaded,
+        &big,
+        &show("request", &out),
     );
     let msgs = capture_messages(&pcap, o.port);
     let reqs = oscore_requests_to(&msgs, o.port, KID);
@@ -193,10 +196,11 @@ fn seed_example_get_and_put_10k_are_oscore_on_the_wire() {
         show("response code on stderr", &out)
     );
     let landed = fs::read(o.data.join("put10k.bin")).expect("PUT did not create data/put10k.bin");
-    assert!(
-        landed == body,
-        "data/put10k.bin ({} B) differs from the 10000 B sent",
-        landed.len()
+    assert_same_bytes(
+        "data/put10k.bin after the PUT",
+        &landed,
+        &body,
+        &show("request", &out),
     );
     let msgs = capture_messages(&pcap, o.port);
     let reqs = oscore_requests_to(&msgs, o.port, KID);
@@ -230,7 +234,12 @@ fn stdout_stderr_and_exit_status() {
         REQUEST_TIMEOUT,
     );
     assert!(out.status.success(), "{}", show("GET hello.txt", &out));
-    assert_eq!(out.stdout, hello, "stdout must be exactly the payload");
+    assert_same_bytes(
+        "stdout (exactly the payload)",
+        &out.stdout,
+        &hello,
+        &show("GET hello.txt", &out),
+    );
     assert!(
         stderr_of(&out).contains("2.05 Content"),
         "{}",
@@ -256,9 +265,12 @@ fn stdout_stderr_and_exit_status() {
         "{}",
         show("PUT --payload", &out)
     );
-    assert_eq!(
-        fs::read(o.data.join("short.txt")).unwrap(),
-        b"short text body"
+    let landed = fs::read(o.data.join("short.txt")).unwrap_or_default();
+    assert_same_bytes(
+        "data/short.txt",
+        &landed,
+        b"short text body",
+        &show("PUT", &out),
     );
 
     let out = run_request(
@@ -330,9 +342,12 @@ fn sequence_numbers_stay_ahead_across_processes_and_sigkill() {
                 "{}",
                 show(&format!("{label}: GET file40.bin"), &out)
             );
-            assert!(
-                fs::read(&dest).unwrap() == file40,
-                "{label}: file40.bin differs"
+            let got = fs::read(&dest).unwrap_or_default();
+            assert_same_bytes(
+                &format!("{label}: file40.bin"),
+                &got,
+                &file40,
+                &show(&label, &out),
             );
         } else {
             // `bash -c 'echo $$ > PIDFILE; exec request ...'`: the pid file names the
@@ -640,7 +655,12 @@ fn echo_recovery_after_origin_sigkill() {
         "{}",
         show("GET before the crash", &out)
     );
-    assert_eq!(out.stdout, hello);
+    assert_same_bytes(
+        "GET before the crash",
+        &out.stdout,
+        &hello,
+        &show("request", &out),
+    );
     let sctx = server_ctx(&o.ctx, "client1");
     assert_eq!(
         read_sequence(&sctx).map(|s| s.received),
@@ -667,7 +687,13 @@ fn echo_recovery_after_origin_sigkill() {
         "{}",
         show("GET after the origin's restart", &out)
     );
-    assert_eq!(fs::read(&got).unwrap(), hello);
+    let after = fs::read(&got).unwrap_or_default();
+    assert_same_bytes(
+        "GET after the restart",
+        &after,
+        &hello,
+        &show("request", &out),
+    );
     assert!(
         stderr_of(&out).contains("2.05 Content"),
         "{}",
