@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{interop, output_text, run_with_input, run_with_timeout};
-use oscore_gateway::oscore::{AeadAlgorithm, HkdfAlgorithm};
+use oscore_gateway::oscore::{AeadAlgorithm, ContextParams, HkdfAlgorithm, ReplayWindow};
 use serde_json::{json, Value};
 
 /// Runs aiocoap_protect.py with `op` (one operation object, or an array of them for one
@@ -247,4 +247,185 @@ fn aiocoap_accepts_every_algorithm_and_hash_with_our_lengths() {
             "{aead}/{hkdf} derived a key another combination derived"
         );
     }
+}
+
+fn our_context(
+    aead: AeadAlgorithm,
+    hkdf: HkdfAlgorithm,
+    sender_id: &[u8],
+    recipient_id: &[u8],
+) -> oscore_gateway::oscore::SecurityContext {
+    let params = ContextParams {
+        master_secret: b"0123456789abcdef0123".to_vec(),
+        master_salt: b"salty".to_vec(),
+        sender_id: sender_id.to_vec(),
+        recipient_id: recipient_id.to_vec(),
+        id_context: Some(vec![0x37, 0xcb]),
+        aead,
+        hkdf,
+        replay_window: 32,
+    };
+    oscore_gateway::oscore::SecurityContext::derive(&params, ReplayWindow::new_empty(32)).unwrap()
+}
+
+fn hexs(v: &Value) -> Vec<u8> {
+    hex::decode(v.as_str().unwrap_or_else(|| panic!("not hex: {v}"))).unwrap()
+}
+
+/// For every AEAD algorithm and HKDF hash aiocoap accepts: aiocoap protects and we
+/// unprotect, and we protect and aiocoap unprotects, requests and responses (with and
+/// without the server's own Partial IV), with a salt and an ID Context.
+#[test]
+fn every_algorithm_interoperates_with_aiocoap_both_ways() {
+    use oscore_gateway::coap::MessageView;
+    use oscore_gateway::oscore::{
+        protect_request, protect_response, unprotect_request, unprotect_response,
+        SenderSequenceNumber,
+    };
+    // CON PUT /x?q=1, Content-Format 0, token 0x7a 0x7b, payload "hello from a test"
+    let request = {
+        let mut out = Vec::new();
+        let mut b = oscore_gateway::coap::MessageBuilder::new(
+            &mut out,
+            oscore_gateway::coap::MessageType::Confirmable,
+            oscore_gateway::coap::Code::PUT,
+            0x1234,
+            &[0x7a, 0x7b],
+        )
+        .unwrap();
+        b.option(11, b"x").unwrap().uint_option(12, 0).unwrap();
+        b.option(15, b"q=1").unwrap();
+        b.payload(b"hello from a test");
+        out
+    };
+    // ACK 2.04 with the same MID/token, Content-Format 0, payload
+    let response = {
+        let mut out = Vec::new();
+        let mut b = oscore_gateway::coap::MessageBuilder::new(
+            &mut out,
+            oscore_gateway::coap::MessageType::Acknowledgement,
+            oscore_gateway::coap::Code::CHANGED,
+            0x1234,
+            &[0x7a, 0x7b],
+        )
+        .unwrap();
+        b.uint_option(12, 0).unwrap();
+        b.payload(b"stored it");
+        out
+    };
+    let (client_id, server_id) = ([0x01u8], [0x42u8]);
+    let mut checked = 0;
+    for aead in AeadAlgorithm::ALL {
+        for hkdf in HkdfAlgorithm::ALL {
+            let their_client = context_json(
+                b"0123456789abcdef0123",
+                b"salty",
+                &client_id,
+                &server_id,
+                Some(&[0x37, 0xcb]),
+                aead,
+                hkdf,
+                "client",
+            );
+            let their_server = context_json(
+                b"0123456789abcdef0123",
+                b"salty",
+                &server_id,
+                &client_id,
+                Some(&[0x37, 0xcb]),
+                aead,
+                hkdf,
+                "server",
+            );
+            let our_server = our_context(aead, hkdf, &server_id, &client_id);
+            let our_client = our_context(aead, hkdf, &client_id, &server_id);
+            let ctx = format!("{aead}/{hkdf}");
+
+            // 1. aiocoap protects the request, we unprotect it.
+            let p = aiocoap(json!({"op": "protect-request", "context": their_client,
+                "message": hex::encode(&request), "sequence_number": 7}));
+            assert_eq!(p["ok"], true, "{ctx}: {p}");
+            let wire = hexs(&p["message"]);
+            let mut plain = Vec::new();
+            let binding =
+                unprotect_request(&our_server, &MessageView::parse(&wire).unwrap(), &mut plain)
+                    .unwrap_or_else(|e| {
+                        panic!("{ctx}: we cannot unprotect aiocoap's request: {e}")
+                    });
+            assert_eq!(plain, request, "{ctx}: request after our unprotect");
+            assert_eq!(binding.sequence_number(), 7);
+
+            // 2. we protect the response (request nonce, then own Partial IV), aiocoap
+            //    unprotects both.
+            for own in [None, Some(SenderSequenceNumber(3))] {
+                let mut wire = Vec::new();
+                protect_response(
+                    &our_server,
+                    &binding,
+                    own,
+                    &MessageView::parse(&response).unwrap(),
+                    &mut wire,
+                )
+                .unwrap();
+                let u = aiocoap(json!({"op": "unprotect-response", "context": their_client,
+                    "message": hex::encode(&wire), "request_kid": p["request_kid"],
+                    "request_piv": p["request_piv"]}));
+                assert_eq!(
+                    u["ok"], true,
+                    "{ctx} own piv {own:?}: aiocoap rejects our response: {u}"
+                );
+                assert_eq!(
+                    hexs(&u["message"]),
+                    response,
+                    "{ctx}: response after aiocoap's unprotect"
+                );
+            }
+
+            // 3. we protect a request, aiocoap unprotects it.
+            let mut wire = Vec::new();
+            let binding = protect_request(
+                &our_client,
+                SenderSequenceNumber(9),
+                &MessageView::parse(&request).unwrap(),
+                &mut wire,
+            )
+            .unwrap();
+            let u = aiocoap(json!({"op": "unprotect-request", "context": their_server,
+                "message": hex::encode(&wire)}));
+            assert_eq!(u["ok"], true, "{ctx}: aiocoap rejects our request: {u}");
+            assert_eq!(
+                hexs(&u["message"]),
+                request,
+                "{ctx}: request after aiocoap's unprotect"
+            );
+
+            // 4. aiocoap protects the response (request nonce, then own Partial IV), we
+            //    unprotect both.
+            for own in [None, Some(4)] {
+                let mut op = json!({"op": "protect-response", "context": their_server,
+                    "message": hex::encode(&response), "request_kid": u["request_kid"],
+                    "request_piv": u["request_piv"]});
+                if let Some(n) = own {
+                    op["sequence_number"] = json!(n);
+                }
+                let r = aiocoap(op);
+                assert_eq!(r["ok"], true, "{ctx}: {r}");
+                let wire = hexs(&r["message"]);
+                let mut plain = Vec::new();
+                let info = unprotect_response(
+                    &our_client,
+                    &binding,
+                    &MessageView::parse(&wire).unwrap(),
+                    &mut plain,
+                )
+                .unwrap_or_else(|e| {
+                    panic!("{ctx} own piv {own:?}: we cannot unprotect aiocoap's response: {e}")
+                });
+                assert_eq!(plain, response, "{ctx}: response after our unprotect");
+                assert_eq!(info.partial_iv, own);
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 36);
 }
