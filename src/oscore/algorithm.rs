@@ -4,9 +4,10 @@
 use std::fmt;
 
 /// An AEAD algorithm of the security context (RFC 8613 §3.1 "AEAD Algorithm").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AeadAlgorithm {
     /// COSE 10, the algorithm every OSCORE implementation must support (RFC 8613 §3.2.1).
+    #[default]
     AesCcm16_64_128,
     AesCcm16_64_256,
     AesCcm64_64_128,
@@ -123,12 +124,6 @@ impl AeadAlgorithm {
     /// Longest Sender/Recipient ID this algorithm allows: nonce length - 6 (RFC 8613 §3.3).
     pub fn max_id_len(self) -> usize {
         self.nonce_len() - 6
-    }
-}
-
-impl Default for AeadAlgorithm {
-    fn default() -> Self {
-        Self::AesCcm16_64_128
     }
 }
 
