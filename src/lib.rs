@@ -3,5 +3,7 @@
 //! Protocol code (`coap`, `oscore`) is sans-IO; files live in `credentials`, sockets in
 //! `client` (and later `transport`).
 
+pub mod client;
 pub mod coap;
+pub mod credentials;
 pub mod oscore;

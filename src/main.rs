@@ -1,3 +1,84 @@
-fn main() {
-    println!("oscore-gateway");
+//! The `oscore-gateway` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli_oscore;
+mod cli_request;
+
+#[derive(Parser)]
+#[command(
+    name = "oscore-gateway",
+    version,
+    about = "An edge gateway for OSCORE (RFC 8613)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send one CoAP request, OSCORE-protected when --credentials has a matching entry.
+    ///
+    /// Payload goes to stdout (or -o), the response code to stderr; exit status 0 on 2.xx,
+    /// 1 on another response code, 2 when no valid response was received or the request
+    /// could not be sent (including: --credentials given but no pattern matches the URI).
+    Request(RequestArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RequestArgs {
+    /// Method: GET, POST, PUT, DELETE, FETCH, PATCH, iPATCH (or a code like 0.01)
+    #[arg(short = 'm', long = "method", default_value = "GET")]
+    pub method: String,
+    /// aiocoap credentials JSON; the URI must match one of its patterns (no plain fallback)
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// Forward proxy to send through, e.g. coap://127.0.0.1:5690
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// Request payload (UTF-8 text)
+    #[arg(long, conflicts_with = "payload_file")]
+    pub payload: Option<String>,
+    /// Read the request payload from this file
+    #[arg(long)]
+    pub payload_file: Option<PathBuf>,
+    /// Content-Format of the payload (a number, e.g. 0 for text/plain)
+    #[arg(long)]
+    pub content_format: Option<u16>,
+    /// Write the response payload here instead of stdout
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Give up after this many seconds in total
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Target URI, e.g. coap://localhost/file
+    pub uri: String,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OSCORE_GATEWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Request(args) => runtime.block_on(cli_request::run(args)),
+    }
 }

@@ -6,7 +6,7 @@
 //! [`SenderSequence`](super::SenderSequence) whose high-water mark the I/O layer persists
 //! (App. B.1.1), and pass it to `protect_*`.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hkdf::Hkdf;
 use sha2::{Sha256, Sha384, Sha512};
@@ -204,7 +204,7 @@ pub struct SecurityContext {
     common_iv: Vec<u8>,
     sender_key: AeadKey,
     recipient_key: AeadKey,
-    replay_window: Mutex<ReplayWindow>,
+    replay_window: Arc<Mutex<ReplayWindow>>,
 }
 
 impl std::fmt::Debug for SecurityContext {
@@ -227,6 +227,15 @@ impl SecurityContext {
         params: &ContextParams,
         replay_window: ReplayWindow,
     ) -> Result<SecurityContext, DeriveError> {
+        Self::derive_with_shared_window(params, Arc::new(Mutex::new(replay_window)))
+    }
+
+    /// Like [`derive`](Self::derive), with a window the storage layer shares, so that what
+    /// it writes back to `sequence.json` at shutdown is the window this context used.
+    pub fn derive_with_shared_window(
+        params: &ContextParams,
+        replay_window: Arc<Mutex<ReplayWindow>>,
+    ) -> Result<SecurityContext, DeriveError> {
         let keys = derive_keys(params)?;
         Ok(SecurityContext {
             algorithm: params.aead,
@@ -237,7 +246,7 @@ impl SecurityContext {
             sender_key: AeadKey::new(params.aead, &keys.sender_key)?,
             recipient_key: AeadKey::new(params.aead, &keys.recipient_key)?,
             common_iv: keys.common_iv.clone(),
-            replay_window: Mutex::new(replay_window),
+            replay_window,
         })
     }
 

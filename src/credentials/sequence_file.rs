@@ -1,0 +1,326 @@
+//! `sequence.json`: the mutable state of a security context directory, in aiocoap's exact
+//! format (Python `json.dumps`, `", "` and `": "` separators, no trailing newline):
+//!
+//! ```text
+//! {"next-to-send": 107, "received": {"index": 0, "bitfield": 0}}
+//! {"next-to-send": 10, "received": "unknown"}
+//! ```
+//!
+//! `next-to-send` is the persisted high-water mark of RFC 8613 App. B.1.1 (no number at or
+//! above it has been used); `received` is the replay window (§7.4), or `"unknown"` when it
+//! was not saved at a clean shutdown (App. B.1.2). aiocoap also writes
+//! `{"index": null, "bitfield": null}` for a window that was never initialised; that reads
+//! as unknown. A missing file means a fresh context.
+//!
+//! The file is replaced atomically: a temp file `.sequence-XXXXXXXX.json` (mode 0600) in the
+//! same directory, fsync, rename, then fsync of the directory so the rename itself is
+//! durable (aiocoap skips that last step).
+
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::{Deserialize, Deserializer, Error as _, IgnoredAny, MapAccess, Visitor};
+use thiserror::Error;
+
+use super::json::JsonSyntaxError;
+use crate::oscore::ReplayWindowState;
+
+pub const SEQUENCE_FILE: &str = "sequence.json";
+
+/// The replay window as persisted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Not saved (a crash, or a window that was never initialised): App. B.1.2 recovery.
+    Unknown,
+    Window(ReplayWindowState),
+}
+
+/// The contents of `sequence.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceState {
+    pub next_to_send: u64,
+    pub received: Received,
+}
+
+impl SequenceState {
+    /// What a missing file means: sequence number 0 and an empty, initialised window.
+    pub fn fresh() -> Self {
+        Self {
+            next_to_send: 0,
+            received: Received::Window(ReplayWindowState {
+                index: 0,
+                bitfield: 0,
+            }),
+        }
+    }
+
+    /// Parses the file contents; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, SequenceFileError> {
+        serde_json::from_str::<Self>(text)
+            .map_err(|e| SequenceFileError::Syntax(JsonSyntaxError::new(path, &e)))
+    }
+
+    /// The file contents, byte for byte as aiocoap's `json.dumps` writes them.
+    pub fn to_json(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for SequenceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{{\"next-to-send\": {}, \"received\": ",
+            self.next_to_send
+        )?;
+        match self.received {
+            Received::Unknown => f.write_str("\"unknown\"")?,
+            Received::Window(w) => write!(
+                f,
+                "{{\"index\": {}, \"bitfield\": {}}}",
+                w.index, w.bitfield
+            )?,
+        }
+        f.write_str("}")
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SequenceFileError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", .0)]
+    Syntax(#[source] JsonSyntaxError),
+    #[error("cannot write {}: {step} failed: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Reads `dir/sequence.json`; `Ok(None)` if it does not exist.
+pub fn read_sequence_file(dir: &Path) -> Result<Option<SequenceState>, SequenceFileError> {
+    let path = dir.join(SEQUENCE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => SequenceState::parse(&text, &path).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SequenceFileError::Read { path, source }),
+    }
+}
+
+/// Durably replaces `dir/sequence.json` with `state`. When this returns `Ok`, the new
+/// contents survive a crash or power loss (file and directory entry are both synced).
+pub fn write_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), SequenceFileError> {
+    let path = dir.join(SEQUENCE_FILE);
+    let err = |step, source| SequenceFileError::Write {
+        path: path.clone(),
+        step,
+        source,
+    };
+    // tempfile creates the file with O_EXCL and mode 0600, like Python's mkstemp, and
+    // removes it again if we return early.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".sequence-")
+        .suffix(".json")
+        .rand_bytes(8)
+        .tempfile_in(dir)
+        .map_err(|e| err("creating the temp file", e))?;
+    tmp.write_all(state.to_json().as_bytes())
+        .map_err(|e| err("writing the temp file", e))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| err("fsync of the temp file", e))?;
+    tmp.persist(&path)
+        .map_err(|e| err("renaming the temp file", e.error))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err("fsync of the directory", e))?;
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for SequenceState {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StateVisitor;
+        impl<'de> Visitor<'de> for StateVisitor {
+            type Value = SequenceState;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object with \"next-to-send\" and \"received\"")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SequenceState, A::Error> {
+                let mut next_to_send = None;
+                let mut received = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "next-to-send" => {
+                            let n = map.next_value::<u64>().map_err(|e| {
+                                A::Error::custom(format_args!(
+                                    "\"next-to-send\" must be a non-negative integer: {e}"
+                                ))
+                            })?;
+                            next_to_send = Some(n);
+                        }
+                        "received" => received = Some(map.next_value::<ReceivedField>()?.0),
+                        // aiocoap ignores other keys too.
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(SequenceState {
+                    next_to_send: next_to_send
+                        .ok_or_else(|| A::Error::missing_field("next-to-send"))?,
+                    received: received.ok_or_else(|| A::Error::missing_field("received"))?,
+                })
+            }
+        }
+        deserializer.deserialize_map(StateVisitor)
+    }
+}
+
+/// `"unknown"` or `{"index": I, "bitfield": B}` (either may be null: unknown).
+struct ReceivedField(Received);
+
+impl<'de> Deserialize<'de> for ReceivedField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ReceivedVisitor;
+        impl<'de> Visitor<'de> for ReceivedVisitor {
+            type Value = ReceivedField;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"unknown\" or {\"index\": ..., \"bitfield\": ...} for \"received\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ReceivedField, E> {
+                if v == "unknown" {
+                    Ok(ReceivedField(Received::Unknown))
+                } else {
+                    Err(E::custom(format_args!(
+                        "\"received\" must be \"unknown\" or an object, not the string {v:?}"
+                    )))
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ReceivedField, A::Error> {
+                let (mut index, mut bitfield) = (None, None);
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "index" => {
+                            index = Some(map.next_value::<Option<u64>>().map_err(|e| {
+                                A::Error::custom(format_args!(
+                                    "\"received.index\" must be a non-negative integer or null: {e}"
+                                ))
+                            })?)
+                        }
+                        // aiocoap's bitfield is an unbounded Python int; ours holds 128 bits.
+                        "bitfield" => {
+                            bitfield = Some(map.next_value::<Option<u128>>().map_err(|e| {
+                                A::Error::custom(format_args!(
+                                    "\"received.bitfield\" must be a non-negative integer below 2^128 \
+                                     (replay windows above 128 are not supported) or null: {e}"
+                                ))
+                            })?)
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                let index = index.ok_or_else(|| A::Error::missing_field("index"))?;
+                let bitfield = bitfield.ok_or_else(|| A::Error::missing_field("bitfield"))?;
+                Ok(ReceivedField(match (index, bitfield) {
+                    (Some(index), Some(bitfield)) => {
+                        Received::Window(ReplayWindowState { index, bitfield })
+                    }
+                    // aiocoap writes both as null for a window that was never initialised;
+                    // anything partly null is treated the same (the safe reading).
+                    _ => Received::Unknown,
+                }))
+            }
+        }
+        deserializer.deserialize_any(ReceivedVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SequenceState, SequenceFileError> {
+        SequenceState::parse(text, Path::new("/d/sequence.json"))
+    }
+
+    #[test]
+    fn aiocoap_samples_round_trip_byte_exact() {
+        for sample in [
+            r#"{"next-to-send": 0, "received": {"index": 0, "bitfield": 2047}}"#,
+            r#"{"next-to-send": 107, "received": {"index": 0, "bitfield": 0}}"#,
+            r#"{"next-to-send": 2, "received": {"index": 11, "bitfield": 1}}"#,
+            r#"{"next-to-send": 10, "received": "unknown"}"#,
+            r#"{"next-to-send": 1099511627775, "received": {"index": 18446744073709551615, "bitfield": 340282366920938463463374607431768211455}}"#,
+        ] {
+            assert_eq!(parse(sample).unwrap().to_json(), sample);
+        }
+    }
+
+    #[test]
+    fn null_window_is_unknown() {
+        let s = parse(r#"{"next-to-send": 10, "received": {"index": null, "bitfield": null}}"#)
+            .unwrap();
+        assert_eq!(s.received, Received::Unknown);
+        assert_eq!(s.next_to_send, 10);
+    }
+
+    #[test]
+    fn bitfield_beyond_u64_and_u128() {
+        let s = parse(
+            r#"{"next-to-send": 1, "received": {"index": 3, "bitfield": 36893488147419103232}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.received,
+            Received::Window(ReplayWindowState {
+                index: 3,
+                bitfield: 1 << 65
+            })
+        );
+        let e = parse(r#"{"next-to-send": 1, "received": {"index": 3, "bitfield": 340282366920938463463374607431768211456}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("below 2^128"), "{e}");
+        assert!(e.starts_with("/d/sequence.json:1:"), "{e}");
+    }
+
+    #[test]
+    fn malformed_files_are_clear_errors() {
+        for (text, want) in [
+            (
+                r#"{"next-to-send": -1, "received": "unknown"}"#,
+                "next-to-send",
+            ),
+            (
+                r#"{"next-to-send": "5", "received": "unknown"}"#,
+                "next-to-send",
+            ),
+            (r#"{"received": "unknown"}"#, "missing field `next-to-send`"),
+            (r#"{"next-to-send": 5}"#, "missing field `received`"),
+            (r#"{"next-to-send": 5, "received": "lost"}"#, "\"lost\""),
+            (
+                r#"{"next-to-send": 5, "received": {"index": 1}}"#,
+                "missing field `bitfield`",
+            ),
+            (
+                r#"{"next-to-send": 5, "received": {"index": -1, "bitfield": 0}}"#,
+                "received.index",
+            ),
+            (r#"{"next-to-send": 5, "received": 3}"#, "\"unknown\" or"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}
