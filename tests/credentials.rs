@@ -753,7 +753,13 @@ fn a_failed_write_is_reported_and_retried() {
         message.contains("sequence.json") && message.contains("renaming"),
         "{message}"
     );
-    assert!(leftovers(&d).is_empty());
+    // A retry the persister queued meanwhile may still be writing its temp file: every
+    // attempt must clean up after itself, so wait (bounded) until none is left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !leftovers(&d).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
     std::fs::remove_dir_all(d.join("sequence.json")).unwrap();
     assert_eq!(ctx.persister.next_sequence_number().unwrap().0, 10);
     assert!(read_state(&d).next_to_send > 10);
