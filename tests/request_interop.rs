@@ -806,3 +806,78 @@ fn unmatched_credentials_are_refused_without_sending() {
         "datagrams reached port {port} although no credential matched: {sent:?}"
     );
 }
+
+/// `--proxy`: end-to-end OSCORE through a stock forward proxy (`aiocoap-proxy --forward`,
+/// which holds no keys). The outer message carries Proxy-Scheme, Uri-Host and Uri-Port
+/// (class U, RFC 8613 §4.1.3.3); the same kid reaches the origin protected.
+#[test]
+fn request_through_a_forward_proxy_stays_oscore_end_to_end() {
+    let o = Origin::start("proxy", false);
+    let proxy_port = free_udp_port();
+    let i = interop();
+    let log = o.dir.join("aiocoap-proxy.log");
+    let mut cmd = Command::new(i.venv_python.parent().unwrap().join("aiocoap-proxy"));
+    cmd.args(["--forward", "--bind"])
+        .arg(format!("127.0.0.1:{proxy_port}"))
+        .stdout(fs::File::create(&log).unwrap())
+        .stderr(fs::File::create(o.dir.join("aiocoap-proxy.err")).unwrap());
+    let mut proxy = ChildGuard::spawn(cmd);
+    // bounded wait until the proxy has bound its UDP port
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            std::net::UdpSocket::bind(("127.0.0.1", proxy_port)).is_err()
+        }),
+        "aiocoap-proxy did not bind port {proxy_port}"
+    );
+    let creds = o.creds();
+    let proxy_uri = format!("coap://127.0.0.1:{proxy_port}");
+    let pcap = o.dir.join("proxy.pcap");
+    let argv = request_argv(
+        o.dir.path(),
+        &[
+            os("--proxy"),
+            os(&proxy_uri),
+            os("--credentials"),
+            creds.as_os_str(),
+            os(&o.uri("hello.txt")),
+        ],
+    );
+    let out = run_wire_check(
+        o.dir.path(),
+        &[o.port, proxy_port],
+        Some(o.port),
+        Some(&pcap),
+        &argv,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        show("GET via aiocoap-proxy", &out)
+    );
+    let hello = fs::read(o.data.join("hello.txt")).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(String::from_utf8_lossy(&hello).trim()),
+        "{}",
+        show("payload", &out)
+    );
+    assert!(
+        stderr_of(&out).contains("oscore=yes"),
+        "{}",
+        show("summary", &out)
+    );
+    let to_proxy = capture_messages(&pcap, proxy_port);
+    assert!(
+        !oscore_requests_to(&to_proxy, proxy_port, KID).is_empty(),
+        "the request did not go to the proxy as OSCORE:\n{}",
+        describe_capture(&to_proxy)
+    );
+    let to_origin = capture_messages(&pcap, o.port);
+    assert!(
+        !oscore_requests_to(&to_origin, o.port, KID).is_empty()
+            && plain_requests_to(&to_origin, o.port).is_empty(),
+        "the proxy did not forward it protected:\n{}",
+        describe_capture(&to_origin)
+    );
+    proxy.kill9();
+}
