@@ -40,8 +40,11 @@ pub fn find_credential<'m>(
 /// Why a context could not be opened.
 #[derive(Debug, Error)]
 pub enum ContextError {
-    #[error("context {}: {}", dir.display(), error_chain(source))]
-    Open { dir: PathBuf, source: StoreError },
+    #[error("context {}: {}", dir.display(), error_chain(&**source))]
+    Open {
+        dir: PathBuf,
+        source: Box<StoreError>,
+    },
     #[error("context {}: {source}", dir.display())]
     Derive { dir: PathBuf, source: DeriveError },
     #[error("context {}: opening it was interrupted", dir.display())]
@@ -74,7 +77,7 @@ impl OscoreProtection {
             .open(dir)
             .map_err(|source| ContextError::Open {
                 dir: dir.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         let ctx =
             SecurityContext::derive_with_shared_window(&open.params, open.replay_window.clone())
@@ -93,6 +96,8 @@ impl OscoreProtection {
     }
 
     /// Writes the exact sequence number and replay window back and releases the lock.
+    // StoreError is the credentials module's (large) type; the close path is cold.
+    #[allow(clippy::result_large_err)]
     pub fn close(&self) -> Result<(), StoreError> {
         self.persister.close()
     }
