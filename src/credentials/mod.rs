@@ -29,5 +29,5 @@ pub use map::{
 };
 pub use pattern::UriPattern;
 pub use sequence_file::{Received, SequenceFileError, SequenceState};
-pub use settings::{load_context_params, SettingsError, ValueProblem};
+pub use settings::{load_context_params, DuplicateDatum, SettingsError, ValueProblem};
 pub use store::{ContextPersister, ContextStore, NextSequenceError, OpenContext, StoreError};

@@ -150,7 +150,9 @@ impl Shared {
     /// Makes sure a job for this context is queued. Returns false if the persister
     /// thread is gone.
     pub(crate) fn nudge(self: &Arc<Self>) -> bool {
-        if self.nudged.swap(true, Ordering::AcqRel) {
+        // A plain load first: while a job is pending, callers only read the flag and do
+        // not contend on its cache line.
+        if self.nudged.load(Ordering::Acquire) || self.nudged.swap(true, Ordering::AcqRel) {
             return true;
         }
         if self.jobs.send(Arc::clone(self)).is_err() {

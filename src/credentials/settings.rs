@@ -39,18 +39,8 @@ pub enum SettingsError {
     },
     #[error("{}", .0)]
     Syntax(#[source] JsonSyntaxError),
-    #[error(
-        "context directory {}: datum {datum:?} is present twice: as {first_key:?} in {first_file} and as {second_key:?} in {second_file}",
-        dir.display()
-    )]
-    DuplicateDatum {
-        dir: PathBuf,
-        datum: String,
-        first_file: &'static str,
-        first_key: String,
-        second_file: &'static str,
-        second_key: String,
-    },
+    #[error(transparent)]
+    DuplicateDatum(Box<DuplicateDatum>),
     #[error("{}, key {key:?}: {problem}", path.display())]
     BadValue {
         path: PathBuf,
@@ -62,6 +52,21 @@ pub enum SettingsError {
         dir.display()
     )]
     Missing { dir: PathBuf, datum: &'static str },
+}
+
+/// A datum given twice: in both files, or as both `_hex` and `_ascii`.
+#[derive(Debug, Error)]
+#[error(
+    "context directory {}: datum {datum:?} is present twice: as {first_key:?} in {first_file} and as {second_key:?} in {second_file}",
+    dir.display()
+)]
+pub struct DuplicateDatum {
+    pub dir: PathBuf,
+    pub datum: String,
+    pub first_file: &'static str,
+    pub first_key: String,
+    pub second_file: &'static str,
+    pub second_key: String,
 }
 
 /// What is wrong with one value of settings.json / secret.json.
@@ -144,14 +149,14 @@ pub fn load_context_params(dir: &Path) -> Result<ContextParams, SettingsError> {
                 value: decoded,
             };
             if let Some(old) = data.get(&datum) {
-                return Err(SettingsError::DuplicateDatum {
+                return Err(SettingsError::DuplicateDatum(Box::new(DuplicateDatum {
                     dir: dir.to_owned(),
                     datum,
                     first_file: old.file,
                     first_key: old.key.clone(),
                     second_file: new.file,
                     second_key: new.key.clone(),
-                });
+                })));
             }
             data.insert(datum, new);
         }

@@ -155,6 +155,7 @@ impl ContextStore {
 }
 
 /// An open, locked context directory.
+#[derive(Debug)]
 pub struct OpenContext {
     pub params: ContextParams,
     /// Take numbers through `persister`, which keeps the mark ahead; `reserve` on this
