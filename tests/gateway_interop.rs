@@ -5,7 +5,13 @@
 
 mod common;
 
+use std::ffi::OsStr;
+use std::fs;
 use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 use oscore_gateway::coap::{number, Code, MessageBuilder, MessageType, MessageView};
@@ -260,18 +266,29 @@ fn origin_down_gives_5_04_within_the_timeout_and_only_oscore_was_sent() {
     for line in &seen {
         let bytes = hex::decode(line.rsplit(' ').next().unwrap()).unwrap();
         let m = MessageView::parse(&bytes).unwrap();
-        assert!(m.has_option(number::OSCORE), "plain request to origin: {line}");
+        assert!(
+            m.has_option(number::OSCORE),
+            "plain request to origin: {line}"
+        );
         assert_eq!(m.code, Code::POST);
-        assert!(!m.has_option(number::URI_PATH), "Uri-Path leaked outer: {line}");
+        assert!(
+            !m.has_option(number::URI_PATH),
+            "Uri-Path leaked outer: {line}"
+        );
     }
 }
 
 /// A fake plain origin that answers every request with 2.05 "pong", and reports each
 /// request it saw.
-fn fake_origin() -> (u16, std::sync::mpsc::Receiver<Vec<u8>>, thread::JoinHandle<()>) {
+fn fake_origin() -> (
+    u16,
+    std::sync::mpsc::Receiver<Vec<u8>>,
+    thread::JoinHandle<()>,
+) {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = sock.local_addr().unwrap().port();
-    sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let h = thread::spawn(move || {
         let mut buf = [0u8; 2048];
@@ -310,7 +327,10 @@ fn plain_forwarding_hop_limit_and_deduplication() {
     let req = request(
         0x0707,
         &as_refs(&[
-            (number::PROXY_URI, format!("coap://127.0.0.1:{origin_port}/ping?q=1").into_bytes()),
+            (
+                number::PROXY_URI,
+                format!("coap://127.0.0.1:{origin_port}/ping?q=1").into_bytes(),
+            ),
             (number::HOP_LIMIT, vec![5]),
         ]),
     );
@@ -318,12 +338,19 @@ fn plain_forwarding_hop_limit_and_deduplication() {
     let r = MessageView::parse(&first).unwrap();
     assert_eq!(r.code, Code::CONTENT);
     assert_eq!(r.payload, b"pong");
-    assert_eq!((r.mtype, r.message_id), (MessageType::Acknowledgement, 0x0707));
+    assert_eq!(
+        (r.mtype, r.message_id),
+        (MessageType::Acknowledgement, 0x0707)
+    );
     assert_eq!(r.token, &[0xc1, 0x1e]);
 
     let upstream = seen.recv_timeout(Duration::from_secs(5)).unwrap();
     let up = MessageView::parse(&upstream).unwrap();
-    assert_eq!(up.option(number::HOP_LIMIT), Some(&[4u8][..]), "decremented");
+    assert_eq!(
+        up.option(number::HOP_LIMIT),
+        Some(&[4u8][..]),
+        "decremented"
+    );
     assert_eq!(up.option(number::URI_PATH), Some(&b"ping"[..]));
     assert_eq!(up.option(number::URI_QUERY), Some(&b"q=1"[..]));
     assert!(!up.has_option(number::PROXY_URI));
@@ -343,16 +370,27 @@ fn plain_forwarding_hop_limit_and_deduplication() {
         number::PROXY_URI,
         format!("coap://127.0.0.1:{origin_port}/ping").into_bytes(),
     );
-    exchange(&c, gw.addr(), &request(0x0708, &as_refs(&[target.clone()])), Duration::from_secs(10));
+    exchange(
+        &c,
+        gw.addr(),
+        &request(0x0708, &as_refs(&[target.clone()])),
+        Duration::from_secs(10),
+    );
     let up = seen.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert_eq!(MessageView::parse(&up).unwrap().option(number::HOP_LIMIT), Some(&[16u8][..]));
+    assert_eq!(
+        MessageView::parse(&up).unwrap().option(number::HOP_LIMIT),
+        Some(&[16u8][..])
+    );
     let r = exchange(
         &c,
         gw.addr(),
         &request(0x0709, &as_refs(&[target, (number::HOP_LIMIT, vec![1])])),
         Duration::from_secs(10),
     );
-    assert_eq!(MessageView::parse(&r).unwrap().code, Code::HOP_LIMIT_REACHED);
+    assert_eq!(
+        MessageView::parse(&r).unwrap().code,
+        Code::HOP_LIMIT_REACHED
+    );
     assert!(seen.recv_timeout(Duration::from_millis(300)).is_err());
 }
 
@@ -373,7 +411,10 @@ fn shipped_example_config_runs_and_refuses_without_credentials() {
         &request(9, &as_refs(&via_proxy(free_udp_port(), "x"))),
         Duration::from_secs(10),
     );
-    assert_eq!(MessageView::parse(&r).unwrap().code, Code::PROXYING_NOT_SUPPORTED);
+    assert_eq!(
+        MessageView::parse(&r).unwrap().code,
+        Code::PROXYING_NOT_SUPPORTED
+    );
     // CoAP ping (Empty CON) -> Reset
     let mut ping = Vec::new();
     MessageBuilder::new(&mut ping, MessageType::Confirmable, Code::EMPTY, 77, &[])
