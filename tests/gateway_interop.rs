@@ -373,7 +373,7 @@ fn plain_forwarding_hop_limit_and_deduplication() {
     exchange(
         &c,
         gw.addr(),
-        &request(0x0708, &as_refs(&[target.clone()])),
+        &request(0x0708, &as_refs(std::slice::from_ref(&target))),
         Duration::from_secs(10),
     );
     let up = seen.recv_timeout(Duration::from_secs(5)).unwrap();
