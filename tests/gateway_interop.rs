@@ -248,15 +248,26 @@ fn origin_down_gives_5_04_within_the_timeout_and_only_oscore_was_sent() {
     let gw = Gateway::start(dir.path(), &config(Some(&client_creds(&ctx, "gw")), ""));
     let c = client();
     let started = Instant::now();
-    let r = exchange(
+    let ack = exchange(
         &c,
         gw.addr(),
         &request(3, &as_refs(&via_proxy(origin_port, "hello.txt"))),
         Duration::from_secs(15),
     );
+    // slow: an empty ACK first (RFC 7252 §5.2.2), then the 5.04 as a separate CON
+    let ack = MessageView::parse(&ack).unwrap();
+    assert_eq!(
+        (ack.mtype, ack.code),
+        (MessageType::Acknowledgement, Code::EMPTY)
+    );
+    let mut buf = [0u8; 2048];
+    c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let (n, _) = c.recv_from(&mut buf).expect("separate response");
     let took = started.elapsed();
-    let r = MessageView::parse(&r).unwrap();
+    let r = MessageView::parse(&buf[..n]).unwrap();
     assert_eq!(r.code, Code::GATEWAY_TIMEOUT, "{r:?}");
+    assert_eq!(r.mtype, MessageType::Confirmable);
+    assert!(String::from_utf8_lossy(r.payload).contains("did not answer"));
     assert!(
         took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
         "5.04 after {took:?}, configured 3 s"
@@ -278,9 +289,11 @@ fn origin_down_gives_5_04_within_the_timeout_and_only_oscore_was_sent() {
     }
 }
 
-/// A fake plain origin that answers every request with 2.05 "pong", and reports each
-/// request it saw.
-fn fake_origin() -> (
+/// A fake plain origin that answers every request with 2.05 "pong" after `delay`, and
+/// reports each request it saw.
+fn fake_origin(
+    delay: Duration,
+) -> (
     u16,
     std::sync::mpsc::Receiver<Vec<u8>>,
     thread::JoinHandle<()>,
@@ -299,6 +312,7 @@ fn fake_origin() -> (
             if tx.send(buf[..n].to_vec()).is_err() {
                 return;
             }
+            thread::sleep(delay);
             let mut out = Vec::new();
             let b = MessageBuilder::new(
                 &mut out,
@@ -318,7 +332,7 @@ fn fake_origin() -> (
 #[test]
 fn plain_forwarding_hop_limit_and_deduplication() {
     let dir = TestDir::new("gw-plain");
-    let (origin_port, seen, _origin) = fake_origin();
+    let (origin_port, seen, _origin) = fake_origin(Duration::ZERO);
     let gw = Gateway::start(
         dir.path(),
         &config(None, "plain_forwarding = true\nhop_limit = 16\n"),
@@ -425,4 +439,66 @@ fn shipped_example_config_runs_and_refuses_without_credentials() {
     assert_eq!((r.mtype, r.message_id), (MessageType::Reset, 77));
     let out = gw.stop();
     assert!(out.status.success(), "{}", output_text(&out));
+}
+
+#[test]
+fn slow_origin_gets_empty_ack_then_separate_response() {
+    let dir = TestDir::new("gw-slow");
+    let (origin_port, seen, _origin) = fake_origin(Duration::from_millis(1500));
+    let gw = Gateway::start(dir.path(), &config(None, "plain_forwarding = true\n"));
+    let c = client();
+    let target = (
+        number::PROXY_URI,
+        format!("coap://127.0.0.1:{origin_port}/slow").into_bytes(),
+    );
+    let started = Instant::now();
+    let ack = exchange(
+        &c,
+        gw.addr(),
+        &request(0x0800, &as_refs(&[target])),
+        Duration::from_secs(5),
+    );
+    let ack = MessageView::parse(&ack).unwrap();
+    assert_eq!(
+        (ack.mtype, ack.code, ack.message_id),
+        (MessageType::Acknowledgement, Code::EMPTY, 0x0800)
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    seen.recv_timeout(Duration::from_secs(5)).unwrap();
+
+    // The separate response: a CON with the request's token; not acknowledged at first, so
+    // the gateway retransmits it (same Message ID); then acknowledged, so it stops.
+    let mut buf = [0u8; 2048];
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (n, from) = c.recv_from(&mut buf).unwrap();
+    let first = buf[..n].to_vec();
+    let r = MessageView::parse(&first).unwrap();
+    assert_eq!((r.mtype, r.code), (MessageType::Confirmable, Code::CONTENT));
+    assert_eq!(r.token, &[0xc1, 0x1e]);
+    assert_eq!(r.payload, b"pong");
+    let (n, _) = c
+        .recv_from(&mut buf)
+        .expect("retransmission of the separate response");
+    assert_eq!(&buf[..n], &first[..]);
+    let mut ack = Vec::new();
+    MessageBuilder::new(
+        &mut ack,
+        MessageType::Acknowledgement,
+        Code::EMPTY,
+        r.message_id,
+        &[],
+    )
+    .unwrap()
+    .finish();
+    c.send_to(&ack, from).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(3500)))
+        .unwrap();
+    assert!(
+        c.recv_from(&mut buf).is_err(),
+        "separate response retransmitted after the client's ACK"
+    );
 }
