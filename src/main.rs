@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod cli_oscore;
 mod cli_request;
+mod cli_run;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,28 @@ enum Command {
     /// 1 on another response code, 2 when no valid response was received or the request
     /// could not be sent (including: --credentials given but no pattern matches the URI).
     Request(RequestArgs),
+    /// Run the gateway until SIGINT/SIGTERM: plain CoAP from clients is forwarded to
+    /// origins, OSCORE-protected where the credentials have a matching entry.
+    ///
+    /// Settings come from --config (proxy.toml, see proxy.toml.example); the flags override
+    /// it. Exit status 0 after a clean shutdown, 2 when the configuration, the credentials
+    /// or a listener address is unusable.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// proxy.toml; without it: no credentials, listen on 127.0.0.1:5683
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// aiocoap credentials JSON (overrides the config's `credentials`; relative to the
+    /// current directory)
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// UDP listener ADDR:PORT, e.g. 127.0.0.1:5683 or [::1]:5683; repeat for several
+    /// (overrides the config's [coap] bind)
+    #[arg(long = "coap-bind", value_name = "ADDR:PORT")]
+    pub coap_bind: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -80,5 +103,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Request(args) => runtime.block_on(cli_request::run(args)),
+        Command::Run(args) => runtime.block_on(cli_run::run(args)),
     }
 }

@@ -1,0 +1,426 @@
+//! `proxy.toml` -> a typed, validated gateway configuration. Every error names the file and
+//! the key at fault (`proxy.toml: route[2].target: ...`).
+//!
+//! Relative paths (`credentials`) are resolved against the folder of the config file, so a
+//! config works from any working directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::coap::CoapUri;
+
+/// RFC 8768 §3: the initial Hop-Limit value a proxy adds when a request has none.
+pub const DEFAULT_HOP_LIMIT: u8 = 16;
+/// How long the gateway waits for an origin before answering 5.04 (RFC 7252 §5.9.3.5).
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: f64 = 20.0;
+/// The default CoAP listener (RFC 7252 §6.1 port on loopback).
+pub const DEFAULT_BIND: &str = "127.0.0.1:5683";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a missing key or a value of the wrong type.
+    #[error("{}: {key}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        /// The dotted key (`coap.bind`, `route[1].target`) or `(document)`.
+        key: String,
+        message: String,
+    },
+    #[error("{}: {key}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// `proxy.toml` as written (serde); see `proxy.toml.example` for the meaning of each key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    credentials: Option<PathBuf>,
+    #[serde(default)]
+    coap: RawCoap,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoap {
+    #[serde(default = "default_bind")]
+    bind: Vec<String>,
+}
+
+impl Default for RawCoap {
+    fn default() -> Self {
+        Self {
+            bind: default_bind(),
+        }
+    }
+}
+
+fn default_bind() -> Vec<String> {
+    vec![DEFAULT_BIND.to_string()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    plain_forwarding: bool,
+    #[serde(default = "default_timeout")]
+    upstream_timeout_secs: f64,
+    #[serde(default = "default_hop_limit")]
+    hop_limit: u8,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        Self {
+            plain_forwarding: false,
+            upstream_timeout_secs: DEFAULT_UPSTREAM_TIMEOUT_SECS,
+            hop_limit: DEFAULT_HOP_LIMIT,
+        }
+    }
+}
+
+fn default_timeout() -> f64 {
+    DEFAULT_UPSTREAM_TIMEOUT_SECS
+}
+
+fn default_hop_limit() -> u8 {
+    DEFAULT_HOP_LIMIT
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    match_path: Option<String>,
+    match_host: Option<String>,
+    target: String,
+    #[serde(default)]
+    strip_prefix: bool,
+}
+
+/// The validated configuration of `oscore-gateway run`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (None: built-in defaults).
+    pub source: Option<PathBuf>,
+    /// aiocoap credentials JSON, resolved against the config file's folder. None: no
+    /// credentials, so no request is protected (and, unless `plain_forwarding`, none is
+    /// forwarded).
+    pub credentials: Option<PathBuf>,
+    /// UDP listeners.
+    pub coap_bind: Vec<SocketAddr>,
+    pub policy: Policy,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Forward requests that match no credential in plain text.
+    pub plain_forwarding: bool,
+    /// Total time allowed for one upstream exchange (all retransmissions included).
+    pub upstream_timeout: Duration,
+    /// RFC 8768: Hop-Limit added to forwarded requests that carry none (1..=255).
+    pub hop_limit: u8,
+}
+
+/// A reverse-proxy route for requests without Proxy-Uri / Proxy-Scheme.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// Uri-Path segments the request path must start with (empty: any path).
+    pub match_path: Vec<String>,
+    /// Uri-Host the request must carry (lower-cased), if set.
+    pub match_host: Option<String>,
+    /// Origin base URI: scheme, host, port, and optional leading path segments.
+    pub target: CoapUri,
+    /// Remove `match_path` from the path before appending it to the target's path.
+    pub strip_prefix: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            source: None,
+            credentials: None,
+            coap_bind: vec![DEFAULT_BIND.parse().expect("literal address")],
+            policy: Policy {
+                plain_forwarding: false,
+                upstream_timeout: Duration::from_secs_f64(DEFAULT_UPSTREAM_TIMEOUT_SECS),
+                hop_limit: DEFAULT_HOP_LIMIT,
+            },
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses `text` as if read from `path` (errors name it, relative paths use its folder).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            key: e
+                .span()
+                .map(|s| key_at(text, s.start))
+                .unwrap_or_else(|| "(document)".into()),
+            message: e.message().trim().to_string(),
+        })?;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let base = path.parent().unwrap_or(Path::new(""));
+
+        let credentials = raw.credentials.map(|c| base.join(c));
+        if raw.coap.bind.is_empty() {
+            return Err(invalid(
+                "coap.bind".into(),
+                "must list at least one ADDR:PORT".into(),
+            ));
+        }
+        let mut coap_bind = Vec::with_capacity(raw.coap.bind.len());
+        for (i, b) in raw.coap.bind.iter().enumerate() {
+            coap_bind.push(parse_bind(b).map_err(|m| invalid(format!("coap.bind[{i}]"), m))?);
+        }
+        let p = raw.policy;
+        if !(p.upstream_timeout_secs.is_finite()
+            && p.upstream_timeout_secs > 0.0
+            && p.upstream_timeout_secs <= 3600.0)
+        {
+            return Err(invalid(
+                "policy.upstream_timeout_secs".into(),
+                format!(
+                    "{} is not a number of seconds in (0, 3600]",
+                    p.upstream_timeout_secs
+                ),
+            ));
+        }
+        if p.hop_limit == 0 {
+            return Err(invalid(
+                "policy.hop_limit".into(),
+                "must be 1..=255 (RFC 8768 §3)".into(),
+            ));
+        }
+        let mut routes = Vec::with_capacity(raw.route.len());
+        for (i, r) in raw.route.into_iter().enumerate() {
+            routes.push(validate_route(r).map_err(|(k, m)| invalid(format!("route[{i}].{k}"), m))?);
+        }
+        Ok(Config {
+            source: Some(path.to_owned()),
+            credentials,
+            coap_bind,
+            policy: Policy {
+                plain_forwarding: p.plain_forwarding,
+                upstream_timeout: Duration::from_secs_f64(p.upstream_timeout_secs),
+                hop_limit: p.hop_limit,
+            },
+            routes,
+        })
+    }
+}
+
+/// `ADDR:PORT`, IPv6 as `[::1]:5683`.
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not ADDR:PORT (IPv6 as [::1]:5683)"))
+}
+
+fn validate_route(r: RawRoute) -> Result<Route, (&'static str, String)> {
+    let target = CoapUri::parse(&r.target).map_err(|e| ("target", e.to_string()))?;
+    if target.scheme != "coap" {
+        return Err((
+            "target",
+            format!(
+                "scheme {}:// is not supported (only coap:// over UDP)",
+                target.scheme
+            ),
+        ));
+    }
+    if !target.query.is_empty() {
+        return Err(("target", "must not have a query".into()));
+    }
+    let match_path = match r.match_path {
+        None => Vec::new(),
+        Some(p) => {
+            let Some(rest) = p.strip_prefix('/') else {
+                return Err(("match_path", format!("{p:?} must start with '/'")));
+            };
+            rest.split('/')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        }
+    };
+    if r.strip_prefix && match_path.is_empty() {
+        return Err(("strip_prefix", "needs a match_path to strip".to_string()));
+    }
+    Ok(Route {
+        match_path,
+        match_host: r.match_host.map(|h| h.to_ascii_lowercase()),
+        target,
+        strip_prefix: r.strip_prefix,
+    })
+}
+
+/// The dotted key at byte offset `at` of a TOML document, for error messages: the last
+/// `[table]` / `[[array]]` header before it (arrays of tables counted, `route[1]`) plus the
+/// key on that line, if any. A heuristic for simple files like proxy.toml, not a TOML parser.
+fn key_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = text[line_start..line_end].trim();
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = Default::default();
+    // A header line at `at` (e.g. a missing key of that table) counts as the table itself.
+    let scan_end = if line.starts_with('[') {
+        line_end
+    } else {
+        line_start
+    };
+    for l in text[..scan_end].lines().map(str::trim) {
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    let key = if line.starts_with('[') {
+        None
+    } else {
+        line.split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"').to_string())
+    };
+    match (table.is_empty(), key) {
+        (true, Some(k)) => k,
+        (false, Some(k)) => format!("{table}.{k}"),
+        (false, None) => table,
+        (true, None) => "(document)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/gw/proxy.toml"))
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+credentials = "creds.json"
+[coap]
+bind = ["127.0.0.1:5683", "[::1]:5683"]
+[policy]
+plain_forwarding = true
+upstream_timeout_secs = 2.5
+hop_limit = 8
+[[route]]
+match_path = "/sensors"
+target = "coap://127.0.0.1:5684/base"
+strip_prefix = true
+[[route]]
+match_host = "Light.example"
+target = "coap://[::1]"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.credentials, Some(PathBuf::from("/etc/gw/creds.json")));
+        assert_eq!(c.coap_bind.len(), 2);
+        assert!(c.coap_bind[1].is_ipv6());
+        assert!(c.policy.plain_forwarding);
+        assert_eq!(c.policy.upstream_timeout, Duration::from_millis(2500));
+        assert_eq!(c.policy.hop_limit, 8);
+        assert_eq!(c.routes[0].match_path, vec!["sensors"]);
+        assert_eq!(c.routes[0].target.path, vec!["base"]);
+        assert!(c.routes[0].strip_prefix);
+        assert_eq!(c.routes[1].match_host.as_deref(), Some("light.example"));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.credentials, None);
+        assert_eq!(c.coap_bind, vec!["127.0.0.1:5683".parse().unwrap()]);
+        assert!(!c.policy.plain_forwarding);
+        assert_eq!(c.policy.hop_limit, DEFAULT_HOP_LIMIT);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = parse("[policy]\nplain_forwarding = \"yes\"\n").unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with("/etc/gw/proxy.toml: policy.plain_forwarding:"),
+            "{s}"
+        );
+
+        let e = parse("[[route]]\ntarget = \"coap://a\"\n[[route]]\ntarget = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("route[1].target"), "{e}");
+
+        let e = parse("[[route]]\nmatch_path = \"/a\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("route[0]: missing field `target`"),
+            "{e}"
+        );
+        let e = parse("[[route]]\ntarget = \"coap://a\"\n[[route]]\nmatch_path = \"/a\"\n")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("route[1]: missing field `target`"),
+            "{e}"
+        );
+
+        let e = parse("[coap]\nbind = [\"localhost\"]\n").unwrap_err();
+        assert!(e.to_string().contains("coap.bind[0]"), "{e}");
+
+        let e = parse("[coap]\nbnd = []\n").unwrap_err();
+        assert!(e.to_string().contains("coap.bnd"), "{e}");
+
+        let e = parse("[policy]\nupstream_timeout_secs = 0\n").unwrap_err();
+        assert!(
+            e.to_string().contains("policy.upstream_timeout_secs"),
+            "{e}"
+        );
+
+        let e = parse("[[route]]\ntarget = \"coaps://h\"\n").unwrap_err();
+        assert!(e.to_string().contains("route[0].target"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml.example");
+        let c = Config::load(&path).unwrap();
+        assert!(c.credentials.is_none() || c.credentials.as_ref().unwrap().exists());
+    }
+}

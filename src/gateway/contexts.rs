@@ -1,0 +1,202 @@
+//! Security contexts for the outbound leg: choosing the credential for a target URI (as
+//! aiocoap does), and opening each context directory once per process (it is locked while
+//! open, like aiocoap's), shared by every request that needs it and closed at shutdown.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::client::{ClientError, Protection};
+use crate::coap::uri::default_port;
+use crate::coap::{number, CoapUri, MessageView};
+use crate::credentials::{
+    ContextPersister, ContextStore, CredentialsError, CredentialsMap, Entry, OscoreCredential,
+    StoreError,
+};
+use crate::oscore::{
+    protect_request, unprotect_response, DeriveError, RequestBinding, SecurityContext,
+};
+
+/// The credential for `uri`, as aiocoap picks it: the URI as written (an explicit default
+/// port stays) first, then, if that finds nothing, the form without the default port.
+/// `Ok(None)`: no pattern matches.
+pub fn find_credential<'m>(
+    map: &'m CredentialsMap,
+    uri: &CoapUri,
+) -> Result<Option<(&'m Entry, &'m OscoreCredential)>, CredentialsError> {
+    let found = map.oscore_for(&uri.matching_uri())?;
+    if found.is_some() || uri.port != Some(default_port(&uri.scheme)) {
+        return Ok(found);
+    }
+    let normalised = CoapUri {
+        port: None,
+        ..uri.clone()
+    };
+    map.oscore_for(&normalised.matching_uri())
+}
+
+/// Why a context could not be opened.
+#[derive(Debug, Error)]
+pub enum ContextError {
+    #[error("context {}: {}", dir.display(), error_chain(&**source))]
+    Open {
+        dir: PathBuf,
+        source: Box<StoreError>,
+    },
+    #[error("context {}: {source}", dir.display())]
+    Derive { dir: PathBuf, source: DeriveError },
+    #[error("context {}: opening it was interrupted", dir.display())]
+    Interrupted { dir: PathBuf },
+}
+
+/// `e: cause: cause...` for one-line diagnostics.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// An open, locked client context: derived keys plus the persister that hands out Sender
+/// Sequence Numbers only once they are on disk (RFC 8613 App. B.1.1).
+pub struct OscoreProtection {
+    ctx: SecurityContext,
+    persister: ContextPersister,
+}
+
+impl OscoreProtection {
+    /// Locks and loads `dir` (blocking file I/O; from async code use `ContextCache`).
+    pub fn open(dir: &Path) -> Result<Self, ContextError> {
+        let open = ContextStore::global()
+            .open(dir)
+            .map_err(|source| ContextError::Open {
+                dir: dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        let ctx =
+            SecurityContext::derive_with_shared_window(&open.params, open.replay_window.clone())
+                .map_err(|source| ContextError::Derive {
+                    dir: dir.to_owned(),
+                    source,
+                })?;
+        Ok(Self {
+            ctx,
+            persister: open.persister,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.persister.dir()
+    }
+
+    /// Writes the exact sequence number and replay window back and releases the lock.
+    // StoreError is the credentials module's (large) type; the close path is cold.
+    #[allow(clippy::result_large_err)]
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.persister.close()
+    }
+}
+
+impl Protection for OscoreProtection {
+    type Binding = RequestBinding;
+
+    async fn protect(
+        &self,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<RequestBinding, ClientError> {
+        let request = MessageView::parse(plain).map_err(|e| ClientError::Build(e.to_string()))?;
+        let ssn = self
+            .persister
+            .next_sequence_number_async()
+            .await
+            .map_err(|e| ClientError::Context(e.to_string()))?;
+        protect_request(&self.ctx, ssn, &request, out)
+            .map_err(|e| ClientError::Oscore(e.to_string()))
+    }
+
+    fn unprotect(
+        &self,
+        binding: &RequestBinding,
+        wire: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let response = MessageView::parse(wire)
+            .map_err(|e| ClientError::Oscore(format!("malformed response: {e}")))?;
+        unprotect_response(&self.ctx, binding, &response, out).map_err(|e| {
+            // A plain error from the server or an intermediary (no OSCORE option): show it.
+            if response.code.is_response() && !response.has_option(number::OSCORE) {
+                ClientError::Oscore(format!(
+                    "unprotected {} response ({e}): {}",
+                    response.code,
+                    String::from_utf8_lossy(response.payload)
+                ))
+            } else {
+                ClientError::Oscore(e.to_string())
+            }
+        })?;
+        Ok(())
+    }
+
+    fn is_oscore(&self) -> bool {
+        true
+    }
+}
+
+/// The contexts this process has opened, by directory. A directory is opened at its first
+/// use and kept open (and locked) until `close_all`; a failed open is not remembered, so a
+/// context that was locked by another process is tried again by the next request.
+#[derive(Default)]
+pub struct ContextCache {
+    open: tokio::sync::Mutex<HashMap<PathBuf, Arc<OscoreProtection>>>,
+}
+
+impl ContextCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The open context for `dir`, opening it (off the async threads) if needed.
+    pub async fn get(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
+        // Held across the open, so that two requests never open one directory twice.
+        let mut open = self.open.lock().await;
+        if let Some(p) = open.get(dir) {
+            if !p.persister.is_closed() {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let owned = dir.to_owned();
+        let opened = tokio::task::spawn_blocking(move || OscoreProtection::open(&owned))
+            .await
+            .map_err(|_| ContextError::Interrupted {
+                dir: dir.to_owned(),
+            })??;
+        let opened = Arc::new(opened);
+        open.insert(dir.to_owned(), Arc::clone(&opened));
+        Ok(opened)
+    }
+
+    /// Closes every open context (exact sequence.json written, lock released) and returns
+    /// the failures. Blocking file I/O.
+    pub async fn close_all(&self) -> Vec<(PathBuf, StoreError)> {
+        let contexts: Vec<_> = self.open.lock().await.drain().collect();
+        let mut failures = Vec::new();
+        for (dir, p) in contexts {
+            if let Err(e) = p.close() {
+                failures.push((dir, e));
+            }
+        }
+        failures
+    }
+
+    /// The directories open now.
+    pub async fn open_dirs(&self) -> Vec<PathBuf> {
+        self.open.lock().await.keys().cloned().collect()
+    }
+}

@@ -1,0 +1,268 @@
+//! The client side of the message layer over UDP (RFC 7252 §4): one socket per configured
+//! address, a task per request, deduplication of retransmitted CONs, piggybacked responses,
+//! and a graceful shutdown: stop receiving, let in-flight requests finish up to a grace
+//! period, then close every opened security context (exact sequence.json, lock released).
+//!
+//! A CON whose answer takes longer than `SEPARATE_AFTER` gets an empty ACK at once and the
+//! response later as a separate CON (RFC 7252 §5.2.2), retransmitted until the client
+//! acknowledges it (or rejects it with a Reset).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
+use super::reply::{refusal_response, relay_response, reset, ReplyTo};
+use super::target::Refusal;
+use super::{Gateway, GatewayError};
+use crate::client::transport::random_bytes;
+use crate::coap::{Code, MessageType, MessageView};
+
+/// Requests remembered for deduplication per listener.
+pub const DEDUP_CAPACITY: usize = 16384;
+/// How long in-flight requests may take to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// After this long without an answer from the origin, a CON is acknowledged with an empty
+/// ACK and answered later in a separate response (RFC 7252 §5.2.2 leaves the time to the
+/// server; 1 s is well below the client's ACK_TIMEOUT of 2 s, so it does not retransmit).
+pub const SEPARATE_AFTER: Duration = Duration::from_secs(1);
+
+/// Separate responses waiting for the client's ACK (or RST), by (client, Message ID).
+type Pending = Arc<Mutex<std::collections::HashMap<(SocketAddr, u16), oneshot::Sender<()>>>>;
+
+/// The bound listeners (bind first, so that errors come before the gateway reports ready).
+pub struct Listeners {
+    sockets: Vec<Arc<UdpSocket>>,
+}
+
+impl Listeners {
+    pub async fn bind(addrs: &[SocketAddr]) -> Result<Listeners, GatewayError> {
+        let mut sockets = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })?;
+            sockets.push(Arc::new(s));
+        }
+        Ok(Listeners { sockets })
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
+    }
+}
+
+/// Serves on `listeners` until `shutdown` completes, then shuts down gracefully.
+pub async fn run(gateway: Gateway, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    let gateway = Arc::new(gateway);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every request task holds a clone; when all are dropped, `recv` returns None.
+    let (inflight_tx, mut inflight_rx) = mpsc::channel::<()>(1);
+    let mut loops = Vec::new();
+    for socket in listeners.sockets {
+        loops.push(tokio::spawn(serve(
+            Arc::clone(&gateway),
+            socket,
+            stop_rx.clone(),
+            inflight_tx.clone(),
+        )));
+    }
+    drop(inflight_tx);
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, inflight_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; closing anyway");
+    }
+    for (dir, e) in gateway.contexts().close_all().await {
+        tracing::error!("closing context {}: {e}", dir.display());
+    }
+}
+
+async fn serve(
+    gateway: Arc<Gateway>,
+    socket: Arc<UdpSocket>,
+    mut stop: watch::Receiver<bool>,
+    inflight: mpsc::Sender<()>,
+) {
+    let dedup = Arc::new(Mutex::new(Dedup::new(DEDUP_CAPACITY, EXCHANGE_LIFETIME)));
+    let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
+    let pending: Pending = Arc::default();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = stop.changed() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // e.g. ICMP errors surfacing on the socket: not fatal for a server
+                    tracing::debug!("recv on {:?}: {e}", socket.local_addr());
+                    continue;
+                }
+            },
+        };
+        let datagram = buf[..n].to_vec();
+        let Ok(msg) = MessageView::parse(&datagram) else {
+            continue; // RFC 7252 §4.2/4.3: silently ignore malformed messages
+        };
+        match msg.mtype {
+            MessageType::Confirmable | MessageType::NonConfirmable if msg.code.is_request() => {}
+            MessageType::Confirmable => {
+                // An Empty CON ("ping", §4.3) or a response we never asked for: Reset.
+                let mut out = Vec::with_capacity(4);
+                reset(msg.message_id, &mut out);
+                let _ = socket.send_to(&out, peer).await;
+                continue;
+            }
+            MessageType::Acknowledgement | MessageType::Reset => {
+                // The client's answer to a separate response.
+                if let Some(done) = lock(&pending).remove(&(peer, msg.message_id)) {
+                    let _ = done.send(());
+                }
+                continue;
+            }
+            _ => continue, // a NON that is not a request: nothing to do
+        }
+        let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
+        match seen {
+            Seen::New => {}
+            Seen::InFlight => continue,
+            Seen::Answered(response) => {
+                let _ = socket.send_to(&response, peer).await;
+                continue;
+            }
+        }
+        let gateway = Arc::clone(&gateway);
+        let socket = Arc::clone(&socket);
+        let dedup = Arc::clone(&dedup);
+        let pending = Arc::clone(&pending);
+        let next_mid = Arc::clone(&next_mid);
+        let guard = inflight.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let Ok(request) = MessageView::parse(&datagram) else {
+                return;
+            };
+            let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
+            let mut to = ReplyTo::for_request(&request, fresh_mid);
+            let work = gateway.handle_request(&request);
+            tokio::pin!(work);
+            let mut separate = false;
+            let result = if request.mtype == MessageType::Confirmable {
+                tokio::select! {
+                    r = &mut work => r,
+                    _ = tokio::time::sleep(SEPARATE_AFTER) => {
+                        // §5.2.2: empty ACK now; retransmissions of the CON get it again.
+                        let mut ack = Vec::with_capacity(4);
+                        empty_ack(request.message_id, &mut ack);
+                        let _ = socket.send_to(&ack, peer).await;
+                        lock(&dedup).answered(peer, request.message_id, ack);
+                        separate = true;
+                        work.await
+                    }
+                }
+            } else {
+                work.await
+            };
+            if separate {
+                to.mtype = MessageType::Confirmable;
+            }
+            let out = client_response(&result, to, peer);
+            if separate {
+                send_confirmable(&socket, peer, fresh_mid, &out, &pending).await;
+            } else {
+                if let Err(e) = socket.send_to(&out, peer).await {
+                    tracing::debug!("send to {peer}: {e}");
+                }
+                lock(&dedup).answered(peer, request.message_id, out);
+            }
+        });
+    }
+}
+
+/// The datagram for the client: the origin's response re-addressed, or the refusal.
+fn client_response(
+    result: &Result<Vec<u8>, Refusal>,
+    to: ReplyTo<'_>,
+    peer: SocketAddr,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1200);
+    let written = match result {
+        Ok(plain) => match MessageView::parse(plain) {
+            Ok(view) => relay_response(&view, to, &mut out).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(refusal) => {
+            tracing::info!("{peer} {}: {}", refusal.code, refusal.diagnostic);
+            refusal_response(refusal, to, &mut out);
+            Ok(())
+        }
+    };
+    if let Err(e) = written {
+        refusal_response(
+            &Refusal::new(
+                Code::BAD_GATEWAY,
+                format!("cannot relay the origin's response: {e}"),
+            ),
+            to,
+            &mut out,
+        );
+    }
+    out
+}
+
+/// Sends a CON to the client and retransmits it with exponential back-off (RFC 7252 §4.2,
+/// default parameters) until it is acknowledged or rejected, or MAX_RETRANSMIT is reached.
+async fn send_confirmable(
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    mid: u16,
+    datagram: &[u8],
+    pending: &Pending,
+) {
+    let params = crate::client::TransmissionParams::default();
+    let (tx, mut rx) = oneshot::channel();
+    lock(pending).insert((peer, mid), tx);
+    let random = f64::from(u16::from_be_bytes(random_bytes::<2>())) / f64::from(u16::MAX);
+    let mut wait = params
+        .ack_timeout
+        .mul_f64(1.0 + random * (params.ack_random_factor - 1.0));
+    for _ in 0..=params.max_retransmit {
+        if let Err(e) = socket.send_to(datagram, peer).await {
+            tracing::debug!("send to {peer}: {e}");
+        }
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(_) => return, // acknowledged, reset, or the listener stopped
+            Err(_) => wait *= 2,
+        }
+    }
+    lock(pending).remove(&(peer, mid));
+    tracing::info!("{peer} did not acknowledge separate response {mid}");
+}
+
+fn empty_ack(mid: u16, out: &mut Vec<u8>) {
+    if let Ok(b) =
+        crate::coap::MessageBuilder::new(out, MessageType::Acknowledgement, Code::EMPTY, mid, &[])
+    {
+        b.finish();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
