@@ -637,3 +637,62 @@ fn body_over_the_cap_gets_4_13_with_size1() {
     let seen = silence.received(Duration::from_millis(300));
     assert!(seen.is_empty(), "the origin port received {seen:?}");
 }
+
+/// The assumption the upstream side rests on, checked against aiocoap-fileserver itself
+/// (plain, so the options are ours to set): two Block1 transfers to the same path from ONE
+/// address (as the gateway's transfers are once upstream sockets are shared) are kept
+/// apart by distinct Request-Tags, and without them the second transfer's block 0
+/// discards the first one (aiocoap's Block1Spool keys by address and cache key, and
+/// Request-Tag is part of the cache key).
+#[test]
+fn aiocoap_keeps_transfers_from_one_address_apart_by_request_tag() {
+    let dir = TestDir::new("gwb-rtag");
+    let origin_port = free_udp_port();
+    let data = dir.join("data");
+    let _origin = AiocoapServer::start(dir.path(), origin_port, &data, None, true);
+    let origin = SocketAddr::from(([127, 0, 0, 1], origin_port));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let bodies = [body(0x51, 3000), body(0x52, 3000)];
+    let req = |mid: u16, tag: Option<&[u8]>, b1: BlockValue, payload: &[u8]| {
+        let mut out = Vec::new();
+        let mut b = MessageBuilder::new(
+            &mut out,
+            MessageType::Confirmable,
+            Code::PUT,
+            mid,
+            &mid.to_be_bytes(),
+        )
+        .unwrap();
+        let mut e = [0u8; 8];
+        b.option(number::URI_PATH, b"tagged.bin").unwrap();
+        b.option(number::BLOCK1, b1.encode(&mut e)).unwrap();
+        if let Some(t) = tag {
+            b.option(number::REQUEST_TAG, t).unwrap();
+        }
+        b.payload(payload);
+        out
+    };
+    // interleave A0 B0 A1 B1 A2 B2 from one socket; returns the final codes
+    let run = |tags: [Option<&[u8]>; 2], base: u16| -> Vec<Code> {
+        let mut last = vec![Code::EMPTY; 2];
+        for n in 0..3usize {
+            for i in 0..2 {
+                let b1 = BlockValue::new(n as u32, n < 2, 6).unwrap();
+                let chunk = &bodies[i][n * 1024..((n + 1) * 1024).min(3000)];
+                let mid = base + (n * 2 + i) as u16;
+                let r = exchange(&sock, origin, &req(mid, tags[i], b1, chunk));
+                last[i] = MessageView::parse(&r).unwrap().code;
+            }
+        }
+        last
+    };
+    let codes = run([Some(b"A"), Some(b"B")], 100);
+    assert_eq!(codes, vec![Code::CHANGED, Code::CHANGED]);
+    assert!(fs::read(data.join("tagged.bin")).unwrap() == bodies[1]);
+    let codes = run([None, None], 200);
+    assert_ne!(
+        codes,
+        vec![Code::CHANGED, Code::CHANGED],
+        "without Request-Tag aiocoap cannot keep the two apart"
+    );
+}
