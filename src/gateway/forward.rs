@@ -1,6 +1,6 @@
 //! The upstream leg of one request: a fresh token and Message ID toward the origin, the
-//! request protected (or plain when the policy allows it), CON with retransmission
-//! (`UdpClient`), the response verified, and one retry with the origin's Echo when it has
+//! request protected (or plain when the policy allows it), CON with retransmission over
+//! the origin's shared link (`upstream`), the response verified, and one retry with the origin's Echo when it has
 //! lost its replay window (RFC 8613 App. B.1.2, RFC 9175 §2.4).
 //!
 //! Errors become the gateway's answer (RFC 7252 §5.9.3): 5.04 when the origin does not
@@ -8,10 +8,24 @@
 //! context cannot be used.
 
 use crate::client::transport::{random_bytes, TransportError};
-use crate::client::{resolve, ClientError, Protection, TransmissionParams, UdpClient};
+use crate::client::{resolve, ClientError, Protection};
 use crate::coap::{number, Code, MessageView};
 
 use super::target::{build_upstream_request, Refusal, Target};
+use super::upstream::{Upstream, UpstreamError};
+
+/// Maps a failure of the upstream message layer to the gateway's response.
+fn link_refusal(e: UpstreamError, target: &Target) -> Refusal {
+    let uri = target.uri.matching_uri();
+    if e.is_timeout() {
+        Refusal::new(
+            Code::GATEWAY_TIMEOUT,
+            format!("origin {uri} did not answer: {e}"),
+        )
+    } else {
+        Refusal::new(Code::BAD_GATEWAY, format!("origin {uri}: {e}"))
+    }
+}
 
 /// Maps a failure of the upstream leg to the gateway's response.
 fn refusal(e: ClientError, target: &Target) -> Refusal {
@@ -42,12 +56,9 @@ pub async fn forward<P: Protection>(
     request: &MessageView<'_>,
     target: &Target,
     hop_limit: u8,
-    params: TransmissionParams,
+    upstream: &Upstream,
 ) -> Result<Vec<u8>, Refusal> {
     let peer = resolve(&target.uri.host, target.uri.effective_port())
-        .await
-        .map_err(|e| refusal(e.into(), target))?;
-    let mut client = UdpClient::connect(peer, params)
         .await
         .map_err(|e| refusal(e.into(), target))?;
     let mut plain = Vec::with_capacity(request.payload.len() + 128);
@@ -55,7 +66,8 @@ pub async fn forward<P: Protection>(
     let mut out = Vec::with_capacity(1200);
     let mut echo: Option<Vec<u8>> = None;
     loop {
-        let mid = client.next_message_id();
+        // The link sets this leg's Message ID; the token is fresh per upstream request.
+        let mid = 0;
         let token = random_bytes::<8>();
         build_upstream_request(
             request,
@@ -70,10 +82,10 @@ pub async fn forward<P: Protection>(
             .protect(&plain, &mut wire)
             .await
             .map_err(|e| refusal(e, target))?;
-        let response = client
-            .exchange(&wire, mid, &token)
+        let response = upstream
+            .exchange(peer, std::mem::take(&mut wire))
             .await
-            .map_err(|e| refusal(e.into(), target))?;
+            .map_err(|e| link_refusal(e, target))?;
         protection
             .unprotect(&binding, &response, &mut out)
             .map_err(|e| refusal(e, target))?;

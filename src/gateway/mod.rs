@@ -15,10 +15,11 @@ pub mod forward;
 pub mod reply;
 pub mod server;
 pub mod target;
+pub mod upstream;
 
 use thiserror::Error;
 
-use crate::client::{Plain, TransmissionParams};
+use crate::client::Plain;
 use crate::coap::{number, Code, MessageView};
 use crate::config::Config;
 use crate::credentials::{CredentialsError, CredentialsMap};
@@ -46,7 +47,8 @@ pub struct Gateway {
     config: Config,
     credentials: Option<CredentialsMap>,
     contexts: ContextCache,
-    params: TransmissionParams,
+    /// The message layer toward origins: one socket and NSTART per origin.
+    upstream: upstream::Upstream,
 }
 
 impl Gateway {
@@ -63,10 +65,14 @@ impl Gateway {
                 })?),
             };
         Ok(Self {
-            config,
             credentials,
             contexts: ContextCache::new(),
-            params: TransmissionParams::default(),
+            upstream: upstream::Upstream::new(upstream::LinkParams {
+                nstart: usize::from(config.upstream.nstart),
+                ack_timeout: config.upstream.ack_timeout,
+                ..upstream::LinkParams::default()
+            }),
+            config,
         })
     }
 
@@ -119,14 +125,14 @@ impl Gateway {
                 })?;
                 tokio::time::timeout(
                     timeout,
-                    forward::forward(&*protection, request, &target, hop_limit, self.params),
+                    forward::forward(&*protection, request, &target, hop_limit, &self.upstream),
                 )
                 .await
                 .map_err(|_| timed_out())?
             }
             None if self.config.policy.plain_forwarding => tokio::time::timeout(
                 timeout,
-                forward::forward(&Plain, request, &target, hop_limit, self.params),
+                forward::forward(&Plain, request, &target, hop_limit, &self.upstream),
             )
             .await
             .map_err(|_| timed_out())?,
