@@ -20,6 +20,10 @@ pub const DEFAULT_HOP_LIMIT: u8 = 16;
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: f64 = 20.0;
 /// The default CoAP listener (RFC 7252 §6.1 port on loopback).
 pub const DEFAULT_BIND: &str = "127.0.0.1:5683";
+/// RFC 7252 §4.7: outstanding interactions per origin.
+pub const DEFAULT_NSTART: u16 = 1;
+/// RFC 7252 §4.8: ACK_TIMEOUT toward origins.
+pub const DEFAULT_ACK_TIMEOUT_SECS: f64 = 2.0;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -66,6 +70,10 @@ struct RawCoap {
     bind: Vec<String>,
     #[serde(default = "default_max_message_size")]
     max_message_size: usize,
+    #[serde(default = "default_nstart")]
+    nstart: u16,
+    #[serde(default = "default_ack_timeout")]
+    ack_timeout_secs: f64,
 }
 
 impl Default for RawCoap {
@@ -73,6 +81,8 @@ impl Default for RawCoap {
         Self {
             bind: default_bind(),
             max_message_size: default_max_message_size(),
+            nstart: DEFAULT_NSTART,
+            ack_timeout_secs: DEFAULT_ACK_TIMEOUT_SECS,
         }
     }
 }
@@ -98,6 +108,14 @@ impl Default for RawBlockwise {
             max_transfers: blockwise::DEFAULT_MAX_TRANSFERS,
         }
     }
+}
+
+fn default_nstart() -> u16 {
+    DEFAULT_NSTART
+}
+
+fn default_ack_timeout() -> f64 {
+    DEFAULT_ACK_TIMEOUT_SECS
 }
 
 fn default_bind() -> Vec<String> {
@@ -159,6 +177,26 @@ pub struct Config {
     /// `coap.max_message_size`).
     pub blockwise: Limits,
     pub routes: Vec<Route>,
+    /// The message layer toward origins (`[coap]`).
+    pub upstream: UpstreamConfig,
+}
+
+/// `[coap]` keys of the message layer toward origins (RFC 7252 §4.7, §4.8).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpstreamConfig {
+    /// Outstanding interactions per origin (NSTART, 1..=64).
+    pub nstart: u16,
+    /// ACK_TIMEOUT: first retransmission after 1-1.5 times this, doubled each time.
+    pub ack_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            nstart: DEFAULT_NSTART,
+            ack_timeout: Duration::from_secs_f64(DEFAULT_ACK_TIMEOUT_SECS),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +235,7 @@ impl Default for Config {
             },
             blockwise: Limits::default(),
             routes: Vec::new(),
+            upstream: UpstreamConfig::default(),
         }
     }
 }
@@ -240,6 +279,23 @@ impl Config {
         for (i, b) in raw.coap.bind.iter().enumerate() {
             coap_bind.push(parse_bind(b).map_err(|m| invalid(format!("coap.bind[{i}]"), m))?);
         }
+        if !(1..=64).contains(&raw.coap.nstart) {
+            return Err(invalid(
+                "coap.nstart".into(),
+                format!("{} is not 1..=64 (RFC 7252 §4.7)", raw.coap.nstart),
+            ));
+        }
+        let ack = raw.coap.ack_timeout_secs;
+        if !(ack.is_finite() && (0.05..=60.0).contains(&ack)) {
+            return Err(invalid(
+                "coap.ack_timeout_secs".into(),
+                format!("{ack} is not a number of seconds in [0.05, 60]"),
+            ));
+        }
+        let upstream = UpstreamConfig {
+            nstart: raw.coap.nstart,
+            ack_timeout: Duration::from_secs_f64(ack),
+        };
         let p = raw.policy;
         if !(p.upstream_timeout_secs.is_finite()
             && p.upstream_timeout_secs > 0.0
@@ -313,6 +369,7 @@ impl Config {
             },
             blockwise,
             routes,
+            upstream,
         })
     }
 }
@@ -448,6 +505,19 @@ target = "coap://[::1]"
         assert_eq!(c.coap_bind, vec!["127.0.0.1:5683".parse().unwrap()]);
         assert!(!c.policy.plain_forwarding);
         assert_eq!(c.policy.hop_limit, DEFAULT_HOP_LIMIT);
+        assert_eq!(c.upstream, UpstreamConfig::default());
+        assert_eq!(c.upstream.nstart, 1);
+    }
+
+    #[test]
+    fn upstream_message_layer_keys() {
+        let c = parse("[coap]\nnstart = 4\nack_timeout_secs = 0.5\n").unwrap();
+        assert_eq!(c.upstream.nstart, 4);
+        assert_eq!(c.upstream.ack_timeout, Duration::from_millis(500));
+        let e = parse("[coap]\nnstart = 0\n").unwrap_err();
+        assert!(e.to_string().contains("coap.nstart"), "{e}");
+        let e = parse("[coap]\nack_timeout_secs = 0\n").unwrap_err();
+        assert!(e.to_string().contains("coap.ack_timeout_secs"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! context cannot be used.
 
 use crate::client::transport::{random_bytes, TransportError};
-use crate::client::{resolve, ClientError, Protection, TransmissionParams, UdpClient};
+use crate::client::{resolve, ClientError, Protection};
 use crate::coap::option::encode_uint;
 use crate::coap::{number, BlockValue, Code, MessageView};
 use crate::oscore::params::HexBytes;
@@ -18,6 +18,20 @@ use super::blockwise::{
     upstream_block, with_block1, BlockwiseError, Limits, OuterBlock2, RequestTags, UPSTREAM_SZX,
 };
 use super::target::{build_upstream_request_with, Refusal, Target, UpstreamBody};
+use super::upstream::{Upstream, UpstreamError};
+
+/// Maps a failure of the upstream message layer to the gateway's response.
+fn link_refusal(e: UpstreamError, target: &Target) -> Refusal {
+    let uri = target.uri.matching_uri();
+    if e.is_timeout() {
+        Refusal::new(
+            Code::GATEWAY_TIMEOUT,
+            format!("origin {uri} did not answer: {e}"),
+        )
+    } else {
+        Refusal::new(Code::BAD_GATEWAY, format!("origin {uri}: {e}"))
+    }
+}
 
 /// Maps a failure of the upstream leg to the gateway's response.
 fn refusal(e: ClientError, target: &Target) -> Refusal {
@@ -63,18 +77,16 @@ pub async fn forward<P: Protection>(
     request: &MessageView<'_>,
     target: &Target,
     hop_limit: u8,
-    params: TransmissionParams,
+    upstream: &Upstream,
     limits: &Limits,
     tags: &RequestTags,
 ) -> Result<Vec<u8>, Refusal> {
     let peer = resolve(&target.uri.host, target.uri.effective_port())
         .await
         .map_err(|e| refusal(e.into(), target))?;
-    let client = UdpClient::connect(peer, params)
-        .await
-        .map_err(|e| refusal(e.into(), target))?;
     let mut leg = Leg {
-        client,
+        upstream,
+        peer,
         protection,
         request,
         target,
@@ -143,10 +155,12 @@ pub async fn forward<P: Protection>(
     }
 }
 
-/// One upstream leg: the socket (all blocks of a transfer leave from the same address,
-/// which aiocoap's Block1Spool keys on) and what every exchange on it needs.
+/// One upstream leg: the origin's shared link (all blocks of a transfer leave from the
+/// same socket, which aiocoap's Block1Spool keys on, together with the Request-Tag) and
+/// what every exchange on it needs.
 struct Leg<'a, P> {
-    client: UdpClient,
+    upstream: &'a Upstream,
+    peer: std::net::SocketAddr,
     protection: &'a P,
     request: &'a MessageView<'a>,
     target: &'a Target,
@@ -163,7 +177,7 @@ impl<P: Protection> Leg<'_, P> {
         let mut out = Vec::with_capacity(1200);
         let mut echo: Option<Vec<u8>> = None;
         loop {
-            let mid = self.client.next_message_id();
+            let mid = 0 /* the link sets this leg's Message ID */;
             let token = random_bytes::<8>();
             build_upstream_request_with(
                 request,
@@ -180,12 +194,12 @@ impl<P: Protection> Leg<'_, P> {
                 .await
                 .map_err(|e| refusal(e, target))?;
             let response = if protection.is_oscore() {
-                self.send_protected(&wire, mid, &token).await?
+                self.send_protected(&wire).await?
             } else {
-                self.client
-                    .exchange(&wire, mid, &token)
+                self.upstream
+                    .exchange(self.peer, wire.to_vec())
                     .await
-                    .map_err(|e| refusal(e.into(), target))?
+                    .map_err(|e| link_refusal(e, target))?
             };
             protection
                 .unprotect(&binding, &response, &mut out)
@@ -226,36 +240,34 @@ impl<P: Protection> Leg<'_, P> {
     /// Sends a protected request, as outer Block1 fragments when it exceeds
     /// `max_message_size`, and reassembles an outer Block2 response before it is verified
     /// (RFC 8613 §4.1.3.4.2).
-    async fn send_protected(
-        &mut self,
-        wire: &[u8],
-        mid: u16,
-        token: &[u8],
-    ) -> Result<Vec<u8>, Refusal> {
+    async fn send_protected(&mut self, wire: &[u8]) -> Result<Vec<u8>, Refusal> {
         let target = self.target;
         let bw = |e| blockwise_refusal(e, target);
-        let transport = |e: TransportError| refusal(e.into(), target);
+        let link = |e: UpstreamError| link_refusal(e, target);
         let protected = MessageView::parse(wire).map_err(|e| bw(e.into()))?;
         let response = match outer_block1_szx(&protected, wire.len(), self.limits.max_message_size)
             .map_err(bw)?
         {
             None => self
-                .client
-                .exchange(wire, mid, token)
+                .upstream
+                .exchange(self.peer, wire.to_vec())
                 .await
-                .map_err(transport)?,
+                .map_err(link)?,
             Some(szx) => {
                 let mut fragment = Vec::with_capacity(self.limits.max_message_size);
                 let mut num = 0;
                 loop {
-                    let (m, t) = (self.client.next_message_id(), random_bytes::<8>());
+                    let (m, t) = (
+                        0, /* the link sets this leg's Message ID */
+                        random_bytes::<8>(),
+                    );
                     let block = outer_block1_fragment(&protected, num, szx, m, &t, &mut fragment)
                         .map_err(bw)?;
                     let r = self
-                        .client
-                        .exchange(&fragment, m, &t)
+                        .upstream
+                        .exchange(self.peer, fragment.clone())
                         .await
-                        .map_err(transport)?;
+                        .map_err(link)?;
                     let code = MessageView::parse(&r).map(|v| v.code);
                     if !block.more || code != Ok(Code::CONTINUE) {
                         break r;
@@ -271,13 +283,16 @@ impl<P: Protection> Leg<'_, P> {
         };
         let mut again = Vec::with_capacity(wire.len());
         while let Some(block) = assembly.next_block() {
-            let (m, t) = (self.client.next_message_id(), random_bytes::<8>());
+            let (m, t) = (
+                0, /* the link sets this leg's Message ID */
+                random_bytes::<8>(),
+            );
             outer_block2_request(&protected, block, m, &t, &mut again).map_err(bw)?;
             let r = self
-                .client
-                .exchange(&again, m, &t)
+                .upstream
+                .exchange(self.peer, again.clone())
                 .await
-                .map_err(transport)?;
+                .map_err(link)?;
             assembly.feed(&r).map_err(bw)?;
         }
         assembly.finish().map_err(bw)

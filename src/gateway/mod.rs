@@ -16,6 +16,7 @@ pub mod forward;
 pub mod reply;
 pub mod server;
 pub mod target;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -25,7 +26,7 @@ use thiserror::Error;
 
 use blockwise::{Block1Reassembly, BlockwiseError, Fed, RequestTags, TransferKey};
 
-use crate::client::{Plain, TransmissionParams};
+use crate::client::Plain;
 use crate::coap::option::decode_uint;
 use crate::coap::{number, BlockValue, Code, MessageBuilder, MessageView};
 use crate::config::Config;
@@ -54,11 +55,12 @@ pub struct Gateway {
     config: Config,
     credentials: Option<CredentialsMap>,
     contexts: ContextCache,
-    params: TransmissionParams,
     /// Client Block1 uploads being reassembled (`blockwise`).
     uploads: Mutex<Block1Reassembly>,
     /// Request-Tags of the gateway's own upstream Block1 transfers (RFC 9175 §3).
     tags: RequestTags,
+    /// The message layer toward origins: one socket and NSTART per origin.
+    upstream: upstream::Upstream,
 }
 
 impl Gateway {
@@ -79,10 +81,14 @@ impl Gateway {
         Ok(Self {
             uploads,
             tags: RequestTags::new(start),
-            config,
             credentials,
             contexts: ContextCache::new(),
-            params: TransmissionParams::default(),
+            upstream: upstream::Upstream::new(upstream::LinkParams {
+                nstart: usize::from(config.upstream.nstart),
+                ack_timeout: config.upstream.ack_timeout,
+                ..upstream::LinkParams::default()
+            }),
+            config,
         })
     }
 
@@ -191,7 +197,7 @@ impl Gateway {
                         request,
                         &target,
                         hop_limit,
-                        self.params,
+                        &self.upstream,
                         &self.config.blockwise,
                         &self.tags,
                     ),
@@ -206,7 +212,7 @@ impl Gateway {
                     request,
                     &target,
                     hop_limit,
-                    self.params,
+                    &self.upstream,
                     &self.config.blockwise,
                     &self.tags,
                 ),

@@ -1,0 +1,267 @@
+//! The upstream message layer (RFC 7252 §4) toward origins: one UDP socket per origin,
+//! shared by every request to it, with fresh Message IDs of this leg, retransmission with
+//! exponential back-off (same Message ID, so the origin's deduplication works), empty ACK
+//! then separate response, and NSTART per origin.
+//!
+//! `link` is the pure state machine of one origin; this file is its thin tokio driver: a
+//! task per origin owns the socket and the `OriginLink` and talks to requesters through
+//! channels, so no lock is ever held across an await (the origin table's `std` mutex is
+//! only held to look a channel up). Bounded: at most `MAX_ORIGINS` links; a link idle for
+//! `IDLE_CLOSE` closes its socket and ends its task.
+
+pub mod link;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::client::transport::random_bytes;
+pub use link::{Event, LinkError, LinkParams, OriginLink};
+
+/// Origins with an open link at once, at most.
+pub const MAX_ORIGINS: usize = 1024;
+/// A link with nothing in flight for this long is closed (it keeps answering
+/// retransmitted CON responses until then; RFC 7252 §4.8.2 EXCHANGE_LIFETIME).
+pub const IDLE_CLOSE: Duration = Duration::from_secs(247);
+/// Requests waiting in a link's channel, at most.
+const CHANNEL: usize = 256;
+
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("{peer}: {source}")]
+    Link { peer: SocketAddr, source: LinkError },
+    #[error("UDP socket toward {peer}: {source}")]
+    Io {
+        peer: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("too many origins at once ({MAX_ORIGINS})")]
+    TooManyOrigins,
+    #[error("the link to {peer} closed")]
+    Closed { peer: SocketAddr },
+}
+
+impl UpstreamError {
+    /// True when the origin did not answer (5.04 rather than 5.02).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Link {
+                source: LinkError::Timeout { .. } | LinkError::SeparateTimeout(_),
+                ..
+            }
+        )
+    }
+}
+
+struct Submit {
+    datagram: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, UpstreamError>>,
+}
+
+type Links = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Submit>>>>;
+
+/// The links to every origin this gateway talks to.
+pub struct Upstream {
+    params: LinkParams,
+    links: Links,
+}
+
+impl Upstream {
+    pub fn new(params: LinkParams) -> Self {
+        Self {
+            params,
+            links: Arc::default(),
+        }
+    }
+
+    pub fn params(&self) -> LinkParams {
+        self.params
+    }
+
+    /// Sends the CON request `datagram` to `peer` (its Message ID is replaced by the link's;
+    /// its token must be fresh, e.g. 8 random bytes) and returns the response datagram.
+    /// Dropping the future cancels the exchange (its NSTART slot is freed).
+    pub async fn exchange(
+        &self,
+        peer: SocketAddr,
+        datagram: Vec<u8>,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        // A link that closed for idleness between lookup and send: open a new one, once.
+        for _ in 0..2 {
+            let tx = self.link(peer).await?;
+            let (reply, rx) = oneshot::channel();
+            let submit = Submit {
+                datagram: datagram.clone(),
+                reply,
+            };
+            if tx.send(submit).await.is_err() {
+                continue;
+            }
+            match rx.await {
+                Ok(Err(UpstreamError::Closed { .. })) | Err(_) => continue,
+                Ok(r) => return r,
+            }
+        }
+        Err(UpstreamError::Closed { peer })
+    }
+
+    /// The channel of `peer`'s link, opening the link (socket + task) if needed.
+    async fn link(&self, peer: SocketAddr) -> Result<mpsc::Sender<Submit>, UpstreamError> {
+        {
+            let mut links = lock(&self.links);
+            if let Some(tx) = links.get(&peer) {
+                if !tx.is_closed() {
+                    return Ok(tx.clone());
+                }
+                links.remove(&peer);
+            }
+        }
+        let io = |source| UpstreamError::Io { peer, source };
+        let bind: SocketAddr = if peer.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let socket = UdpSocket::bind(bind).await.map_err(io)?;
+        socket.connect(peer).await.map_err(io)?;
+        let mut links = lock(&self.links);
+        if let Some(tx) = links.get(&peer) {
+            if !tx.is_closed() {
+                return Ok(tx.clone()); // another request opened it meanwhile
+            }
+        }
+        if links.len() >= MAX_ORIGINS {
+            links.retain(|_, tx| !tx.is_closed());
+            if links.len() >= MAX_ORIGINS {
+                return Err(UpstreamError::TooManyOrigins);
+            }
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        links.insert(peer, tx.clone());
+        let link = OriginLink::new(self.params, u16::from_be_bytes(random_bytes::<2>()));
+        tokio::spawn(drive(
+            peer,
+            socket,
+            link,
+            rx,
+            Arc::clone(&self.links),
+            tx.downgrade(),
+        ));
+        Ok(tx)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn random_unit() -> f64 {
+    f64::from(u16::from_be_bytes(random_bytes::<2>())) / f64::from(u16::MAX)
+}
+
+/// The task of one origin: feeds the socket, the requests and the clock into the link and
+/// carries out its events.
+async fn drive(
+    peer: SocketAddr,
+    socket: UdpSocket,
+    mut link: OriginLink,
+    mut rx: mpsc::Receiver<Submit>,
+    links: Links,
+    me: mpsc::WeakSender<Submit>,
+) {
+    let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<Vec<u8>, UpstreamError>>> =
+        HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    let mut idle_since = Instant::now();
+    loop {
+        let wake = link
+            .poll_timeout()
+            .map(Instant::from_std)
+            .unwrap_or(idle_since + IDLE_CLOSE);
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(Submit { datagram, reply }) = cmd else { break };
+                let token = crate::coap::MessageView::parse(&datagram)
+                    .map(|v| v.token.to_vec())
+                    .unwrap_or_default();
+                match link.submit(Instant::now().into_std(), datagram, random_unit()) {
+                    Ok(()) => {
+                        waiting.insert(token, reply);
+                    }
+                    Err(source) => {
+                        let _ = reply.send(Err(UpstreamError::Link { peer, source }));
+                    }
+                }
+            }
+            r = socket.recv(&mut buf) => match r {
+                Ok(n) => link.handle_datagram(Instant::now().into_std(), &buf[..n]),
+                // ICMP port unreachable (ECONNREFUSED on a connected socket) and the like:
+                // treat as loss, retransmission goes on.
+                Err(e) => tracing::debug!("recv from {peer}: {e}"),
+            },
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now().into_std();
+                // requesters that gave up (e.g. the gateway's upstream timeout)
+                let gone: Vec<Vec<u8>> = waiting
+                    .iter()
+                    .filter(|(_, tx)| tx.is_closed())
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for t in gone {
+                    waiting.remove(&t);
+                    link.cancel(now, &t);
+                }
+                link.handle_timeout(now);
+                if link.is_empty() && Instant::now() >= idle_since + IDLE_CLOSE {
+                    break;
+                }
+            }
+        }
+        while let Some(ev) = link.poll_event() {
+            match ev {
+                Event::Transmit(d) => {
+                    if let Err(e) = socket.send(&d).await {
+                        tracing::debug!("send to {peer}: {e}");
+                    }
+                }
+                Event::Response { token, datagram } => {
+                    if let Some(tx) = waiting.remove(&token) {
+                        let _ = tx.send(Ok(datagram));
+                    }
+                }
+                Event::Failed { token, error } => {
+                    if let Some(tx) = waiting.remove(&token) {
+                        let _ = tx.send(Err(UpstreamError::Link {
+                            peer,
+                            source: error,
+                        }));
+                    }
+                }
+            }
+        }
+        if !link.is_empty() {
+            idle_since = Instant::now();
+        }
+    }
+    // Closing: no new requests reach this task; those already sent are told to retry.
+    {
+        let mut l = lock(&links);
+        let mine = me.upgrade();
+        if l.get(&peer)
+            .is_some_and(|tx| mine.as_ref().is_some_and(|m| tx.same_channel(m)))
+        {
+            l.remove(&peer);
+        }
+    }
+    rx.close();
+    while let Ok(Submit { reply, .. }) = rx.try_recv() {
+        let _ = reply.send(Err(UpstreamError::Closed { peer }));
+    }
+}
