@@ -184,6 +184,75 @@ mod tests {
         assert_eq!(key(b"\x01", Some(b"\x37")), key(b"\x01", Some(b"\x37")));
     }
 
+    fn context_dir(parent: &std::path::Path, name: &str, settings: &str) -> PathBuf {
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("settings.json"), settings).unwrap();
+        dir
+    }
+
+    #[test]
+    fn load_keys_by_kid_and_kid_context_and_shares_open_dirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = r#""secret_ascii": "Correct Horse Battery Staple""#;
+        let a = context_dir(
+            tmp.path(),
+            "a",
+            &format!(r#"{{"sender-id_ascii": "gw", "recipient-id_hex": "01", {secret}}}"#),
+        );
+        let b = context_dir(
+            tmp.path(),
+            "b",
+            &format!(
+                r#"{{"sender-id_ascii": "gw", "recipient-id_hex": "01", "id-context_hex": "37cbf3210017a2d3", {secret}}}"#
+            ),
+        );
+        // same Recipient ID and no ID Context as `a`: a duplicate, not used
+        let c = context_dir(
+            tmp.path(),
+            "c",
+            &format!(r#"{{"sender-id_ascii": "gx", "recipient-id_hex": "01", {secret}}}"#),
+        );
+        let json = format!(
+            r#"{{"coap://origin/*": {{"oscore": {{"basedir": {a:?}}}}},
+                ":alice": {{"oscore": {{"basedir": {a:?}}}}},
+                ":bob": {{"oscore": {{"basedir": {b:?}}}}},
+                ":carol": {{"oscore": {{"basedir": {c:?}}}}}}}"#
+        );
+        let map = CredentialsMap::from_json(&json, &tmp.path().join("creds.json")).unwrap();
+        let cache = ContextCache::new();
+        let server = ServerContexts::load(&map, &cache).unwrap();
+        assert_eq!(server.len(), 2);
+        let kid = |kid_context| RequestKid {
+            kid: b"\x01",
+            kid_context,
+        };
+        assert_eq!(server.lookup(&kid(None)).unwrap().label, ":alice");
+        let with_ctx = [0x37, 0xcb, 0xf3, 0x21, 0x00, 0x17, 0xa2, 0xd3];
+        assert_eq!(server.lookup(&kid(Some(&with_ctx))).unwrap().label, ":bob");
+        assert!(server.lookup(&kid(Some(b"\x00"))).is_none());
+        assert!(server
+            .lookup(&RequestKid {
+                kid: b"\x02",
+                kid_context: None
+            })
+            .is_none());
+
+        // `a` is named by a pattern and a label: one open context, shared with the
+        // client side (a second open would fail on the directory's lock)
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let client_side = rt.block_on(cache.get(&a)).unwrap();
+        assert!(Arc::ptr_eq(
+            &client_side,
+            &server.lookup(&kid(None)).unwrap().protection
+        ));
+        let failures = rt.block_on(cache.close_all());
+        assert!(failures.is_empty());
+        assert!(!a.join("lock").exists());
+    }
+
     #[test]
     fn empty_has_a_random_echo() {
         let a = ServerContexts::empty();
