@@ -338,44 +338,66 @@ impl Gateway {
         binding: &RequestBinding,
         response: &[u8],
     ) -> Vec<u8> {
-        let label = sc.label.as_str();
-        let own_piv = if binding.can_reuse_nonce {
-            None
-        } else {
-            match sc.protection.persister().next_sequence_number_async().await {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!("{label}: no sequence number for the response: {e}");
-                    return error_datagram(ErrorResponse {
-                        code: Code::SERVICE_UNAVAILABLE,
-                        diagnostic: "security context unusable",
-                        max_age_zero: false,
-                    });
-                }
-            }
-        };
-        let mut out = Vec::with_capacity(response.len() + 32);
-        let protected = MessageView::parse(response)
-            .map_err(OscoreError::from)
-            .and_then(|view| {
-                protect_response(
-                    sc.protection.security_context(),
-                    binding,
-                    own_piv,
-                    &view,
-                    &mut out,
-                )
-            });
-        match protected {
-            Ok(()) => out,
+        protect_for_client(sc, binding, response, false).await
+    }
+}
+
+/// Protects a device's Observe notification (a plain datagram with an Observe option) for
+/// the client whose registration `binding` came from: always with our own Partial IV
+/// (RFC 8613 §4.1.3.5.2, §7.4.1: notifications are ordered by it; aiocoap does the same).
+/// For the Observe relay: the binding is the one `unprotect_request` returned for the
+/// registration. Failures become an unprotected 5.0x datagram.
+pub async fn protect_notification(
+    sc: &ServerContext,
+    binding: &RequestBinding,
+    notification: &[u8],
+) -> Vec<u8> {
+    protect_for_client(sc, binding, notification, true).await
+}
+
+async fn protect_for_client(
+    sc: &ServerContext,
+    binding: &RequestBinding,
+    response: &[u8],
+    own_piv_always: bool,
+) -> Vec<u8> {
+    let label = sc.label.as_str();
+    let own_piv = if binding.can_reuse_nonce && !own_piv_always {
+        None
+    } else {
+        match sc.protection.persister().next_sequence_number_async().await {
+            Ok(n) => Some(n),
             Err(e) => {
-                tracing::warn!("{label}: cannot protect the response: {e}");
-                error_datagram(ErrorResponse {
-                    code: Code::INTERNAL_SERVER_ERROR,
-                    diagnostic: "Internal Server Error",
+                tracing::warn!("{label}: no sequence number for the response: {e}");
+                return error_datagram(ErrorResponse {
+                    code: Code::SERVICE_UNAVAILABLE,
+                    diagnostic: "security context unusable",
                     max_age_zero: false,
-                })
+                });
             }
+        }
+    };
+    let mut out = Vec::with_capacity(response.len() + 32);
+    let protected = MessageView::parse(response)
+        .map_err(OscoreError::from)
+        .and_then(|view| {
+            protect_response(
+                sc.protection.security_context(),
+                binding,
+                own_piv,
+                &view,
+                &mut out,
+            )
+        });
+    match protected {
+        Ok(()) => out,
+        Err(e) => {
+            tracing::warn!("{label}: cannot protect the response: {e}");
+            error_datagram(ErrorResponse {
+                code: Code::INTERNAL_SERVER_ERROR,
+                diagnostic: "Internal Server Error",
+                max_age_zero: false,
+            })
         }
     }
 }
@@ -419,6 +441,88 @@ mod tests {
         let v = MessageView::parse(&out).unwrap();
         let numbers: Vec<u16> = v.options().map(|o| o.number).collect();
         assert_eq!(numbers, vec![number::URI_PATH, number::BLOCK2]);
+    }
+
+    #[test]
+    fn notifications_carry_their_own_partial_iv() {
+        use crate::credentials::CredentialsMap;
+        use crate::gateway::{ContextCache, ServerContexts};
+        use crate::oscore::{
+            protect_request, unprotect_response, ContextParams, ReplayWindow, SecurityContext,
+            SenderSequenceNumber,
+        };
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("from-client1");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("settings.json"),
+            r#"{"sender-id_ascii": "gw", "recipient-id_hex": "01", "secret_ascii": "Correct Horse Battery Staple"}"#,
+        )
+        .unwrap();
+        let json = format!(r#"{{":client1": {{"oscore": {{"basedir": {dir:?}}}}}}}"#);
+        let map = CredentialsMap::from_json(&json, &tmp.path().join("c.json")).unwrap();
+        let cache = ContextCache::new();
+        let server = ServerContexts::load(&map, &cache).unwrap();
+        let server_params = crate::credentials::load_context_params(&dir).unwrap();
+        let client_params = ContextParams {
+            sender_id: server_params.recipient_id.clone(),
+            recipient_id: server_params.sender_id.clone(),
+            master_secret: server_params.master_secret.clone(),
+            master_salt: server_params.master_salt.clone(),
+            id_context: None,
+            aead: server_params.aead,
+            hkdf: server_params.hkdf,
+            replay_window: server_params.replay_window,
+        };
+        let client = SecurityContext::derive(&client_params, ReplayWindow::new_empty(32)).unwrap();
+
+        // an Observe registration from the client, verified by the gateway
+        let mut req = Vec::new();
+        let mut b =
+            MessageBuilder::new(&mut req, MessageType::Confirmable, Code::GET, 1, &[5]).unwrap();
+        b.option(number::OBSERVE, &[]).unwrap();
+        b.option(number::URI_PATH, b"temp").unwrap();
+        b.finish();
+        let mut wire = Vec::new();
+        let client_binding = protect_request(
+            &client,
+            SenderSequenceNumber(3),
+            &MessageView::parse(&req).unwrap(),
+            &mut wire,
+        )
+        .unwrap();
+        let kid = parse_request_kid(&MessageView::parse(&wire).unwrap()).unwrap();
+        let sc = server.lookup(&kid).unwrap();
+        let mut plain = Vec::new();
+        let binding = unprotect_request(
+            sc.protection.security_context(),
+            &MessageView::parse(&wire).unwrap(),
+            &mut plain,
+        )
+        .unwrap();
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut pivs = Vec::new();
+        for (seq, text) in [(7u8, "21.0"), (8, "21.5"), (9, "22.0")] {
+            let mut n = Vec::new();
+            let mut b =
+                MessageBuilder::new(&mut n, MessageType::NonConfirmable, Code::CONTENT, 9, &[5])
+                    .unwrap();
+            b.option(number::OBSERVE, &[seq]).unwrap();
+            b.payload(text.as_bytes());
+            let protected = rt.block_on(protect_notification(sc, &binding, &n));
+            let view = MessageView::parse(&protected).unwrap();
+            assert!(view.has_option(number::OBSERVE));
+            let mut inner = Vec::new();
+            let info = unprotect_response(&client, &client_binding, &view, &mut inner).unwrap();
+            assert_eq!(MessageView::parse(&inner).unwrap().payload, text.as_bytes());
+            pivs.push(info.partial_iv.expect("own Partial IV"));
+        }
+        assert!(pivs.windows(2).all(|w| w[0] < w[1]), "{pivs:?}");
+        assert!(rt.block_on(cache.close_all()).is_empty());
     }
 
     #[test]
