@@ -12,6 +12,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::coap::CoapUri;
+use crate::gateway::blockwise::{self, Limits};
 
 /// RFC 8768 §3: the initial Hop-Limit value a proxy adds when a request has none.
 pub const DEFAULT_HOP_LIMIT: u8 = 16;
@@ -53,6 +54,8 @@ struct RawConfig {
     #[serde(default)]
     policy: RawPolicy,
     #[serde(default)]
+    blockwise: RawBlockwise,
+    #[serde(default)]
     route: Vec<RawRoute>,
 }
 
@@ -61,12 +64,38 @@ struct RawConfig {
 struct RawCoap {
     #[serde(default = "default_bind")]
     bind: Vec<String>,
+    #[serde(default = "default_max_message_size")]
+    max_message_size: usize,
 }
 
 impl Default for RawCoap {
     fn default() -> Self {
         Self {
             bind: default_bind(),
+            max_message_size: default_max_message_size(),
+        }
+    }
+}
+
+fn default_max_message_size() -> usize {
+    blockwise::DEFAULT_MAX_MESSAGE_SIZE
+}
+
+/// `[blockwise]`: caps of the gateway's reassembly buffers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBlockwise {
+    max_body_size: usize,
+    idle_timeout_secs: f64,
+    max_transfers: usize,
+}
+
+impl Default for RawBlockwise {
+    fn default() -> Self {
+        Self {
+            max_body_size: blockwise::DEFAULT_MAX_BODY_SIZE,
+            idle_timeout_secs: blockwise::DEFAULT_IDLE_TIMEOUT.as_secs_f64(),
+            max_transfers: blockwise::DEFAULT_MAX_TRANSFERS,
         }
     }
 }
@@ -132,6 +161,9 @@ pub struct Config {
     /// UDP listeners.
     pub coap_bind: Vec<SocketAddr>,
     pub policy: Policy,
+    /// Block-wise buffers and the upstream maximum message size (`[blockwise]`,
+    /// `coap.max_message_size`).
+    pub blockwise: Limits,
     pub routes: Vec<Route>,
 }
 
@@ -192,6 +224,7 @@ impl Default for Config {
                 upstream_timeout: Duration::from_secs_f64(DEFAULT_UPSTREAM_TIMEOUT_SECS),
                 hop_limit: DEFAULT_HOP_LIMIT,
             },
+            blockwise: Limits::default(),
             routes: Vec::new(),
         }
     }
@@ -255,6 +288,45 @@ impl Config {
                 "must be 1..=255 (RFC 8768 §3)".into(),
             ));
         }
+        let b = raw.blockwise;
+        // The smallest outer Block1 fragment (16 bytes) plus a header, token and options
+        // must fit; below 64 bytes nothing useful does.
+        if raw.coap.max_message_size < 64 {
+            return Err(invalid(
+                "coap.max_message_size".into(),
+                format!("{} is below 64 bytes", raw.coap.max_message_size),
+            ));
+        }
+        if b.max_body_size == 0 {
+            return Err(invalid(
+                "blockwise.max_body_size".into(),
+                "must be at least 1 byte".into(),
+            ));
+        }
+        if !(b.idle_timeout_secs.is_finite()
+            && b.idle_timeout_secs > 0.0
+            && b.idle_timeout_secs <= 3600.0)
+        {
+            return Err(invalid(
+                "blockwise.idle_timeout_secs".into(),
+                format!(
+                    "{} is not a number of seconds in (0, 3600]",
+                    b.idle_timeout_secs
+                ),
+            ));
+        }
+        if b.max_transfers == 0 {
+            return Err(invalid(
+                "blockwise.max_transfers".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let blockwise = Limits {
+            max_body_size: b.max_body_size,
+            idle_timeout: Duration::from_secs_f64(b.idle_timeout_secs),
+            max_transfers: b.max_transfers,
+            max_message_size: raw.coap.max_message_size,
+        };
         let mut routes = Vec::with_capacity(raw.route.len());
         for (i, r) in raw.route.into_iter().enumerate() {
             routes.push(validate_route(r).map_err(|(k, m)| invalid(format!("route[{i}].{k}"), m))?);
@@ -268,6 +340,7 @@ impl Config {
                 upstream_timeout: Duration::from_secs_f64(p.upstream_timeout_secs),
                 hop_limit: p.hop_limit,
             },
+            blockwise,
             routes,
         })
     }
@@ -456,6 +529,42 @@ allow = [":client1"]
         assert_eq!(c.coap_bind, vec!["127.0.0.1:5683".parse().unwrap()]);
         assert!(!c.policy.plain_forwarding);
         assert_eq!(c.policy.hop_limit, DEFAULT_HOP_LIMIT);
+    }
+
+    #[test]
+    fn blockwise_limits() {
+        let c = parse(
+            "[coap]\nmax_message_size = 600\n[blockwise]\nmax_body_size = 4096\nidle_timeout_secs = 5\nmax_transfers = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.blockwise,
+            Limits {
+                max_body_size: 4096,
+                idle_timeout: Duration::from_secs(5),
+                max_transfers: 2,
+                max_message_size: 600,
+            }
+        );
+        assert_eq!(parse("").unwrap().blockwise, Limits::default());
+        for (text, key) in [
+            ("[coap]\nmax_message_size = 10\n", "coap.max_message_size"),
+            (
+                "[blockwise]\nmax_body_size = 0\n",
+                "blockwise.max_body_size",
+            ),
+            (
+                "[blockwise]\nidle_timeout_secs = -1\n",
+                "blockwise.idle_timeout_secs",
+            ),
+            (
+                "[blockwise]\nmax_transfers = 0\n",
+                "blockwise.max_transfers",
+            ),
+        ] {
+            let s = parse(text).unwrap_err().to_string();
+            assert!(s.starts_with(&format!("/etc/gw/proxy.toml: {key}:")), "{s}");
+        }
     }
 
     #[test]

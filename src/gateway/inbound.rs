@@ -130,7 +130,15 @@ impl Gateway {
             let timeout = self.config.policy.upstream_timeout;
             return tokio::time::timeout(
                 timeout,
-                forward::forward(&Plain, request, &target, hop_limit, self.params),
+                forward::forward(
+                    &Plain,
+                    request,
+                    &target,
+                    hop_limit,
+                    self.params,
+                    &self.config.blockwise,
+                    &self.tags,
+                ),
             )
             .await
             .map_err(|_| {
@@ -270,7 +278,15 @@ impl Gateway {
             })?;
             return tokio::time::timeout(
                 timeout,
-                forward::forward(&*protection, &request, &target, hop_limit, self.params),
+                forward::forward(
+                    &*protection,
+                    &request,
+                    &target,
+                    hop_limit,
+                    self.params,
+                    &self.config.blockwise,
+                    &self.tags,
+                ),
             )
             .await
             .map_err(|_| timed_out())?;

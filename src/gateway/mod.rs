@@ -13,6 +13,7 @@
 //!
 //! The UDP side (message layer toward clients, deduplication) is in `server`.
 
+pub mod blockwise;
 pub mod contexts;
 pub mod dedup;
 pub mod forward;
@@ -23,10 +24,17 @@ pub mod server;
 pub mod server_contexts;
 pub mod target;
 
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use thiserror::Error;
 
+use blockwise::{Block1Reassembly, BlockwiseError, Fed, RequestTags, TransferKey};
+
 use crate::client::{Plain, TransmissionParams};
-use crate::coap::{number, Code, MessageView};
+use crate::coap::option::decode_uint;
+use crate::coap::{number, BlockValue, Code, MessageBuilder, MessageView};
 use crate::config::Config;
 use crate::credentials::{CredentialsError, CredentialsMap};
 
@@ -66,6 +74,10 @@ pub struct Gateway {
     /// Server-side contexts (`:label` entries), opened at load (issue 4).
     server: ServerContexts,
     params: TransmissionParams,
+    /// Client Block1 uploads being reassembled (`blockwise`).
+    uploads: Mutex<Block1Reassembly>,
+    /// Request-Tags of the gateway's own upstream Block1 transfers (RFC 9175 §3).
+    tags: RequestTags,
 }
 
 impl Gateway {
@@ -99,7 +111,11 @@ impl Gateway {
                 });
             }
         }
+        let uploads = Mutex::new(Block1Reassembly::new(config.blockwise));
+        let start = u32::from_be_bytes(crate::client::transport::random_bytes::<4>());
         Ok(Self {
+            uploads,
+            tags: RequestTags::new(start),
             config,
             credentials,
             contexts,
@@ -119,6 +135,57 @@ impl Gateway {
     /// The server-side contexts (closed with the others by `contexts().close_all()`).
     pub fn server_contexts(&self) -> &ServerContexts {
         &self.server
+    }
+
+    /// `handle_request` for a request from `client`, with block-wise uploads terminated at
+    /// the gateway (RFC 7959 §2.10): each Block1 block is buffered per client transfer
+    /// (`blockwise::TransferKey`) and answered 2.31 Continue; the complete body is then
+    /// forwarded as one request (cut again upstream with the gateway's own Request-Tag),
+    /// and its response carries the client's last Block1. A body over
+    /// `blockwise.max_body_size` gets 4.13 with Size1 (§2.9.3).
+    pub async fn handle_request_from(
+        &self,
+        client: SocketAddr,
+        request: &MessageView<'_>,
+    ) -> Result<Vec<u8>, Refusal> {
+        let max = self.config.blockwise.max_body_size;
+        if request.has_option(number::OSCORE) {
+            return self.handle_request(request).await;
+        }
+        if request.payload.len() > max {
+            let e = BlockwiseError::TooLarge {
+                size: request.payload.len(),
+                max,
+            };
+            tracing::info!("{client}: {e}");
+            return Ok(blockwise::error_response(&e, max));
+        }
+        let Some(value) = request.option(number::BLOCK1) else {
+            return self.handle_request(request).await;
+        };
+        let fed = BlockValue::decode(value)
+            .map_err(BlockwiseError::from)
+            .and_then(|block1| {
+                let size1 = request.option(number::SIZE1).and_then(decode_uint);
+                let key = TransferKey::of(client, request);
+                lock(&self.uploads).feed(key, block1, size1, request.payload, Instant::now())
+            });
+        match fed {
+            Err(e) => {
+                tracing::info!("{client}: {e}");
+                Ok(blockwise::error_response(&e, max))
+            }
+            Ok(Fed::Continue(block1)) => Ok(blockwise::continue_response(block1)),
+            Ok(Fed::Complete { body, last }) => {
+                let whole = whole_request(request, &body)?;
+                let whole = MessageView::parse(&whole).map_err(internal)?;
+                let response = self.handle_request(&whole).await?;
+                let view = MessageView::parse(&response).map_err(internal)?;
+                let mut out = Vec::with_capacity(response.len() + 4);
+                blockwise::with_block1(&view, Some(last), &mut out).map_err(internal)?;
+                Ok(out)
+            }
+        }
     }
 
     /// Decides and carries out one request from a client; returns the plain response
@@ -164,14 +231,30 @@ impl Gateway {
                 })?;
                 tokio::time::timeout(
                     timeout,
-                    forward::forward(&*protection, request, &target, hop_limit, self.params),
+                    forward::forward(
+                        &*protection,
+                        request,
+                        &target,
+                        hop_limit,
+                        self.params,
+                        &self.config.blockwise,
+                        &self.tags,
+                    ),
                 )
                 .await
                 .map_err(|_| timed_out())?
             }
             None if self.config.policy.plain_forwarding => tokio::time::timeout(
                 timeout,
-                forward::forward(&Plain, request, &target, hop_limit, self.params),
+                forward::forward(
+                    &Plain,
+                    request,
+                    &target,
+                    hop_limit,
+                    self.params,
+                    &self.config.blockwise,
+                    &self.tags,
+                ),
             )
             .await
             .map_err(|_| timed_out())?,
@@ -183,4 +266,34 @@ impl Gateway {
             )),
         }
     }
+}
+
+fn internal(e: crate::coap::CodecError) -> Refusal {
+    Refusal::new(
+        Code::INTERNAL_SERVER_ERROR,
+        format!("block-wise reassembly: {e}"),
+    )
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The client's request with its whole reassembled body: the last block's header and
+/// options without Block1, Size1 and the client's Request-Tag (they belong to the
+/// client-gateway operation the gateway terminated).
+fn whole_request(last: &MessageView<'_>, body: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut b = MessageBuilder::new(&mut out, last.mtype, last.code, last.message_id, last.token)
+        .map_err(internal)?;
+    for o in last.options() {
+        if !matches!(
+            o.number,
+            number::BLOCK1 | number::SIZE1 | number::REQUEST_TAG
+        ) {
+            b.option(o.number, o.value).map_err(internal)?;
+        }
+    }
+    b.payload(body);
+    Ok(out)
 }

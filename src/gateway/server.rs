@@ -160,7 +160,7 @@ async fn serve(
             };
             let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
             let mut to = ReplyTo::for_request(&request, fresh_mid);
-            let work = gateway.handle_request(&request);
+            let work = gateway.handle_request_from(peer, &request);
             tokio::pin!(work);
             let mut separate = false;
             let result = if request.mtype == MessageType::Confirmable {

@@ -205,6 +205,34 @@ pub fn build_upstream_request(
     token: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), Refusal> {
+    let upstream = UpstreamBody {
+        options: &[],
+        payload: request.payload,
+    };
+    build_upstream_request_with(request, target, hop_limit, echo, upstream, mid, token, out)
+}
+
+/// What the gateway itself adds to an upstream request: its own block-wise options
+/// (Block1, Size1, Request-Tag; they replace the client's of the same numbers) and the
+/// payload to carry (one block of the client's body).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamBody<'a> {
+    pub options: &'a [(u16, &'a [u8])],
+    pub payload: &'a [u8],
+}
+
+/// `build_upstream_request` with the gateway's own block-wise options and payload.
+#[allow(clippy::too_many_arguments)]
+pub fn build_upstream_request_with(
+    request: &MessageView<'_>,
+    target: &CoapUri,
+    hop_limit: u8,
+    echo: Option<&[u8]>,
+    upstream: UpstreamBody<'_>,
+    mid: u16,
+    token: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Refusal> {
     let mut hop = [0u8; 8];
     let hop = encode_uint(u64::from(hop_limit), &mut hop);
     let mut opts: Vec<(u16, &[u8])> = Vec::with_capacity(12);
@@ -220,11 +248,15 @@ pub fn build_upstream_request(
     );
     opts.push((number::HOP_LIMIT, hop));
     for o in request.options() {
-        if is_target_option(o.number) || (echo.is_some() && o.number == number::ECHO) {
+        if is_target_option(o.number)
+            || (echo.is_some() && o.number == number::ECHO)
+            || upstream.options.iter().any(|(n, _)| *n == o.number)
+        {
             continue;
         }
         opts.push((o.number, o.value));
     }
+    opts.extend_from_slice(upstream.options);
     if let Some(e) = echo {
         opts.push((number::ECHO, e));
     }
@@ -240,7 +272,7 @@ pub fn build_upstream_request(
     for (n, v) in &opts {
         b.option(*n, v).map_err(internal)?;
     }
-    b.payload(request.payload);
+    b.payload(upstream.payload);
     Ok(())
 }
 
