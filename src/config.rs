@@ -159,6 +159,12 @@ struct RawRoute {
     target: String,
     #[serde(default)]
     strip_prefix: bool,
+    #[serde(default)]
+    passthrough: bool,
+    #[serde(default)]
+    require_oscore: bool,
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 /// The validated configuration of `oscore-gateway run`.
@@ -220,6 +226,29 @@ pub struct Route {
     pub target: CoapUri,
     /// Remove `match_path` from the path before appending it to the target's path.
     pub strip_prefix: bool,
+    /// OSCORE requests whose kid the gateway holds no context for are forwarded here
+    /// untouched (RFC 8613 §10: as an OSCORE-unaware proxy). Only the outer message is
+    /// seen, so `match_path` cannot match them (Uri-Path is encrypted); use `match_host`
+    /// or no match at all.
+    pub passthrough: bool,
+    /// Plain (unprotected) requests on this route are refused with 4.01.
+    pub require_oscore: bool,
+    /// Server-side credential labels (`":client1"`) whose OSCORE requests may use this
+    /// route; others get a protected 4.03. Empty: every label. Non-empty implies
+    /// `require_oscore` (a plain request has no label to allow).
+    pub allow: Vec<String>,
+}
+
+impl Route {
+    /// Whether a request without OSCORE must be refused on this route.
+    pub fn refuses_plain(&self) -> bool {
+        self.require_oscore || !self.allow.is_empty()
+    }
+
+    /// Whether the server-side credential `label` may use this route.
+    pub fn allows_label(&self, label: &str) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|a| a == label)
+    }
 }
 
 impl Default for Config {
@@ -409,11 +438,26 @@ fn validate_route(r: RawRoute) -> Result<Route, (&'static str, String)> {
     if r.strip_prefix && match_path.is_empty() {
         return Err(("strip_prefix", "needs a match_path to strip".to_string()));
     }
+    if let Some(bad) = r.allow.iter().find(|l| !l.starts_with(':') || l.len() < 2) {
+        return Err((
+            "allow",
+            format!("{bad:?} is not a credential label (labels start with ':', e.g. \":client1\")"),
+        ));
+    }
+    if r.passthrough && !match_path.is_empty() {
+        return Err((
+            "match_path",
+            "a passthrough route sees only the outer OSCORE message, whose path is encrypted; match on match_host instead".to_string(),
+        ));
+    }
     Ok(Route {
         match_path,
         match_host: r.match_host.map(|h| h.to_ascii_lowercase()),
         target,
         strip_prefix: r.strip_prefix,
+        passthrough: r.passthrough,
+        require_oscore: r.require_oscore,
+        allow: r.allow,
     })
 }
 
@@ -496,6 +540,43 @@ target = "coap://[::1]"
         assert_eq!(c.routes[0].target.path, vec!["base"]);
         assert!(c.routes[0].strip_prefix);
         assert_eq!(c.routes[1].match_host.as_deref(), Some("light.example"));
+        assert!(!c.routes[0].refuses_plain());
+        assert!(c.routes[0].allows_label(":anyone"));
+    }
+
+    #[test]
+    fn access_control_and_passthrough_keys() {
+        let c = parse(
+            r#"
+[[route]]
+match_path = "/dev"
+target = "coap://127.0.0.1:5690"
+require_oscore = true
+allow = [":client1", ":client2"]
+[[route]]
+match_host = "origin.example"
+target = "coap://127.0.0.1:5691"
+passthrough = true
+[[route]]
+match_path = "/open"
+target = "coap://127.0.0.1:5692"
+allow = [":client1"]
+"#,
+        )
+        .unwrap();
+        assert!(c.routes[0].require_oscore && c.routes[0].refuses_plain());
+        assert!(c.routes[0].allows_label(":client2"));
+        assert!(!c.routes[0].allows_label(":client3"));
+        assert!(c.routes[1].passthrough && !c.routes[1].refuses_plain());
+        // allow without require_oscore still refuses plain: plain requests carry no label
+        assert!(c.routes[2].refuses_plain());
+
+        let e = parse("[[route]]\ntarget = \"coap://a\"\nallow = [\"client1\"]\n").unwrap_err();
+        assert!(e.to_string().contains("route[0].allow"), "{e}");
+        let e =
+            parse("[[route]]\ntarget = \"coap://a\"\nmatch_path = \"/x\"\npassthrough = true\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("route[0].match_path"), "{e}");
     }
 
     #[test]

@@ -95,6 +95,17 @@ impl OscoreProtection {
         self.persister.dir()
     }
 
+    /// The derived context (server side: `unprotect_request` / `protect_response`).
+    pub fn security_context(&self) -> &SecurityContext {
+        &self.ctx
+    }
+
+    /// The persister that hands out this context's Sender Sequence Numbers (server side:
+    /// a response's own Partial IV).
+    pub fn persister(&self) -> &ContextPersister {
+        &self.persister
+    }
+
     /// Writes the exact sequence number and replay window back and releases the lock.
     // StoreError is the credentials module's (large) type; the close path is cold.
     #[allow(clippy::result_large_err)]
@@ -178,6 +189,24 @@ impl ContextCache {
                 dir: dir.to_owned(),
             })??;
         let opened = Arc::new(opened);
+        open.insert(dir.to_owned(), Arc::clone(&opened));
+        Ok(opened)
+    }
+
+    /// Like `get`, but synchronous, for loading the server-side contexts before the
+    /// gateway serves (blocking file I/O; nothing else can hold the cache then).
+    pub fn open_at_load(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
+        let Ok(mut open) = self.open.try_lock() else {
+            return Err(ContextError::Interrupted {
+                dir: dir.to_owned(),
+            });
+        };
+        if let Some(p) = open.get(dir) {
+            if !p.persister.is_closed() {
+                return Ok(Arc::clone(p));
+            }
+        }
+        let opened = Arc::new(OscoreProtection::open(dir)?);
         open.insert(dir.to_owned(), Arc::clone(&opened));
         Ok(opened)
     }

@@ -7,14 +7,21 @@
 //!   plain-text request to the origin;
 //! - nothing matches: forward in plain only if `policy.plain_forwarding`, else 5.05.
 //!
+//! A request with an OSCORE option goes to `inbound` (our kid: verify, forward plain,
+//! protect back), `passthrough` (someone else's kid and a forward target: untouched) or is
+//! refused 4.01; routes may refuse plain requests (`require_oscore`, `allow`).
+//!
 //! The UDP side (message layer toward clients, deduplication) is in `server`.
 
 pub mod blockwise;
 pub mod contexts;
 pub mod dedup;
 pub mod forward;
+pub mod inbound;
+pub mod passthrough;
 pub mod reply;
 pub mod server;
+pub mod server_contexts;
 pub mod target;
 pub mod upstream;
 
@@ -34,6 +41,7 @@ use crate::credentials::{CredentialsError, CredentialsMap};
 
 pub use contexts::{find_credential, ContextCache, ContextError, OscoreProtection};
 pub use server::{run, Listeners};
+pub use server_contexts::{ServerContext, ServerContexts, ServerContextsError};
 pub use target::{Refusal, Target, TargetKind};
 
 #[derive(Debug, Error)]
@@ -42,6 +50,15 @@ pub enum GatewayError {
     Credentials {
         config: Option<std::path::PathBuf>,
         source: CredentialsError,
+    },
+    /// A server-side (`:label`) context cannot be opened (e.g. locked by aiocoap).
+    #[error(transparent)]
+    ServerContexts(#[from] ServerContextsError),
+    #[error("{}: route[{index}].allow: {label:?} is not a server-side OSCORE label of the credentials", config.as_deref().map_or("proxy.toml".into(), |p| p.display().to_string()))]
+    UnknownLabel {
+        config: Option<std::path::PathBuf>,
+        index: usize,
+        label: String,
     },
     #[error("cannot bind the CoAP listener {addr}: {source}")]
     Bind {
@@ -55,6 +72,8 @@ pub struct Gateway {
     config: Config,
     credentials: Option<CredentialsMap>,
     contexts: ContextCache,
+    /// Server-side contexts (`:label` entries), opened at load (issue 4).
+    server: ServerContexts,
     /// Client Block1 uploads being reassembled (`blockwise`).
     uploads: Mutex<Block1Reassembly>,
     /// Request-Tags of the gateway's own upstream Block1 transfers (RFC 9175 §3).
@@ -76,13 +95,32 @@ impl Gateway {
                     }
                 })?),
             };
+        let contexts = ContextCache::new();
+        let server = match &credentials {
+            Some(map) => ServerContexts::load(map, &contexts)?,
+            None => ServerContexts::empty(),
+        };
+        for (index, route) in config.routes.iter().enumerate() {
+            if let Some(label) = route
+                .allow
+                .iter()
+                .find(|l| !server.labels().any(|s| s == l.as_str()))
+            {
+                return Err(GatewayError::UnknownLabel {
+                    config: config.source.clone(),
+                    index,
+                    label: label.clone(),
+                });
+            }
+        }
         let uploads = Mutex::new(Block1Reassembly::new(config.blockwise));
         let start = u32::from_be_bytes(crate::client::transport::random_bytes::<4>());
         Ok(Self {
             uploads,
             tags: RequestTags::new(start),
             credentials,
-            contexts: ContextCache::new(),
+            contexts,
+            server,
             upstream: upstream::Upstream::new(upstream::LinkParams {
                 nstart: usize::from(config.upstream.nstart),
                 ack_timeout: config.upstream.ack_timeout,
@@ -98,6 +136,11 @@ impl Gateway {
 
     pub fn contexts(&self) -> &ContextCache {
         &self.contexts
+    }
+
+    /// The server-side contexts (closed with the others by `contexts().close_all()`).
+    pub fn server_contexts(&self) -> &ServerContexts {
+        &self.server
     }
 
     /// `handle_request` for a request from `client`, with block-wise uploads terminated at
@@ -156,14 +199,16 @@ impl Gateway {
     /// own error response.
     pub async fn handle_request(&self, request: &MessageView<'_>) -> Result<Vec<u8>, Refusal> {
         if request.has_option(number::OSCORE) {
-            // Inbound OSCORE and pass-through are the next slice of the gateway issue.
-            return Err(Refusal::new(
-                Code::NOT_IMPLEMENTED,
-                "OSCORE-protected requests to the gateway are not supported yet",
-            ));
+            // Inbound, pass-through or 4.01 (issue 4): see `inbound`.
+            return self.handle_protected(request).await;
         }
         let hop_limit = target::forwarded_hop_limit(request, self.config.policy.hop_limit)?;
         let target = target::resolve_target(request, &self.config.routes)?;
+        if let TargetKind::Route(i) = target.kind {
+            if let Some(route) = self.config.routes.get(i) {
+                inbound::refuse_plain(route, i)?;
+            }
+        }
         let uri = target.uri.matching_uri();
         let credential = match &self.credentials {
             None => None,

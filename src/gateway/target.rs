@@ -301,6 +301,9 @@ mod tests {
             match_host: host.map(String::from),
             target: CoapUri::parse(target).unwrap(),
             strip_prefix: strip,
+            passthrough: false,
+            require_oscore: false,
+            allow: Vec::new(),
         }
     }
 
