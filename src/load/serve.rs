@@ -174,12 +174,12 @@ impl Origin {
             Err(OscoreError::ReplayWindowUninitialized(u)) => {
                 if let Some(expected) = self.echo[idx] {
                     if let Ok(binding) = u.accept_with_echo(&ctx.ctx, &expected) {
-                        self.echo[idx] = None;
                         return self.answer(idx, &binding, true, mtype, mid, req.token, None, out);
                     }
                 }
-                let echo = random_bytes::<8>();
-                self.echo[idx] = Some(echo);
+                // One value per context until the window is initialised, so that requests
+                // in flight at once can all come back with it.
+                let echo = *self.echo[idx].get_or_insert_with(random_bytes::<8>);
                 self.answer(
                     idx,
                     &u.binding,
