@@ -53,6 +53,8 @@ fn credential_lookup(c: &mut Criterion) {
 }
 
 type KidKey = (Vec<u8>, Option<Vec<u8>>);
+/// kid -> (kid context, context index) candidates.
+type ByKid = HashMap<Vec<u8>, Vec<(Option<Vec<u8>>, usize)>>;
 
 fn kid_lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("contexts/kid");
@@ -79,7 +81,7 @@ fn kid_lookup(c: &mut Criterion) {
         });
         // Without the allocation: kid -> candidates, kid context compared after the lookup
         // (what `load --serve` does).
-        let mut by_kid: HashMap<Vec<u8>, Vec<(Option<Vec<u8>>, usize)>> = HashMap::new();
+        let mut by_kid: ByKid = HashMap::new();
         for ((kid, ctx), i) in &table {
             by_kid
                 .entry(kid.clone())
