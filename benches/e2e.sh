@@ -17,6 +17,9 @@
 # Loopback only, bounded (every load run has --duration-limit; every wait has a timeout),
 # and every process it starts is stopped by PID on exit (trap).
 #
+# Proxied runs name the target with Proxy-Scheme + Uri-Host + Uri-Port (aiocoap-proxy answers
+# Proxy-Uri with 5.01), the same request form for the gateway and aiocoap.
+#
 # Usage: benches/e2e.sh            (from the project root; builds the release binary)
 # Env:   N=20000 W=32 NF=300 (aiocoap scenarios) N1=2000 (W=1 runs) PORT_BASE=47300
 #        SKIP_BUILD=1  VENV=/work/main/target/interop/venv  INTEROP=/work/shared/interop
@@ -152,7 +155,7 @@ TOML
 start origin "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
 start gw-plain "$BIN" run --config "$TMP/plain.toml"; G=$LAST_PID
 wait_port $ORIGIN; wait_port $GW
-measure c "load -> gateway (plain) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$ORIGIN/x --proxy coap://127.0.0.1:$GW --count "$N" --window "$W"
+measure c "load -> gateway (plain) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$ORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
 stop_all
 
 echo "== (d) load -> gateway (outbound OSCORE) -> OSCORE origin" >&2
@@ -177,8 +180,8 @@ TOML
 start oorigin "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx-d/server.json" --max-seconds 600; O=$LAST_PID
 start gw-oscore "$BIN" run --config "$TMP/oscore.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
 wait_port $OORIGIN; wait_port $GW
-measure d "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --count "$N" --window "$W"
-measure d1 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --count "$N1" --window 1
+measure d "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
+measure d1 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N1" --window 1
 stop_all
 
 echo "== (e) OSCORE client -> gateway (inbound) -> plain origin" >&2
@@ -195,7 +198,7 @@ if [ -n "$HAVE_VENV" ]; then
     start fs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_FS; FS=$LAST_PID
     start aproxy "$VENV/bin/aiocoap-proxy" --forward --bind 127.0.0.1:$AIO_PROXY; AP=$LAST_PID
     wait_port $AIO_FS; wait_port $AIO_PROXY
-    measure f "load -> aiocoap-proxy -> aiocoap-fileserver" "$AP $FS" "$AP" -- coap://127.0.0.1:$AIO_FS/hello.txt --proxy coap://127.0.0.1:$AIO_PROXY --count "$NF" --window "$W"
+    measure f "load -> aiocoap-proxy -> aiocoap-fileserver" "$AP $FS" "$AP" -- coap://127.0.0.1:$AIO_FS/hello.txt --proxy coap://127.0.0.1:$AIO_PROXY --proxy-scheme --count "$NF" --window "$W"
     stop_all
 
     echo "== (g) load with OSCORE -> aiocoap-fileserver" >&2
