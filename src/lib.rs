@@ -8,4 +8,5 @@ pub mod coap;
 pub mod config;
 pub mod credentials;
 pub mod gateway;
+pub mod load;
 pub mod oscore;

@@ -35,6 +35,13 @@ enum Command {
     /// it. Exit status 0 after a clean shutdown, 2 when the configuration, the credentials
     /// or a listener address is unusable.
     Run(RunArgs),
+    /// Load-test a CoAP server or proxy (bounded: --count, --duration-limit), or serve as
+    /// one of the peers a benchmark needs: --serve (minimal plain/OSCORE origin), --udp-echo,
+    /// --udp-relay ... --to ...
+    ///
+    /// Exit status 0 when every request got a 2.xx answer, 1 when some failed, timed out or
+    /// were unfinished, 2 when it could not run.
+    Load(oscore_gateway::load::LoadArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,5 +111,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Request(args) => runtime.block_on(cli_request::run(args)),
         Command::Run(args) => runtime.block_on(cli_run::run(args)),
+        // Blocking sockets on their own threads, outside the runtime.
+        Command::Load(args) => oscore_gateway::load::run(args),
     }
 }

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# End-to-end throughput and latency of one forwarding hop on loopback (issue 5), measured in
+# ONE run with the same load tool (`oscore-gateway load`), the same window W and count N:
+#
+#   (a) load -> udp-echo                                  the kernel's ceiling
+#   (b) load -> udp-relay -> udp-echo                     the simplest user-space hop
+#   (c) load -> gateway (plain forward) -> plain origin   (load --serve)
+#   (d) load -> gateway (outbound OSCORE) -> OSCORE origin (load --serve --credentials)
+#   (e) OSCORE client -> gateway (inbound) -> plain origin  (skipped until inbound exists)
+#   (f) load -> aiocoap-proxy -> aiocoap-fileserver      (small N: aiocoap is slow)
+#   (g) load with OSCORE -> aiocoap-fileserver            (small N)
+#
+# For each: requests/s, p50 and p99 latency, CPU seconds per 100k requests of the server-side
+# processes (utime+stime from /proc/PID/stat, hop and origin together) and the hop's peak RSS
+# (VmHWM); then (d)/(b), (d)/(f), and the gateway's added latency at W=1: p50(d) - p50(a).
+#
+# Loopback only, bounded (every load run has --duration-limit; every wait has a timeout),
+# and every process it starts is stopped by PID on exit (trap).
+#
+# Proxied runs name the target with Proxy-Scheme + Uri-Host + Uri-Port (aiocoap-proxy answers
+# Proxy-Uri with 5.01), the same request form for the gateway and aiocoap.
+#
+# Usage: benches/e2e.sh            (from the project root; builds the release binary)
+# Env:   N=20000 W=32 NF=300 (aiocoap scenarios) N1=2000 (W=1 runs) PORT_BASE=47300
+#        SKIP_BUILD=1  VENV=/work/main/target/interop/venv  INTEROP=/work/shared/interop
+set -euo pipefail
+
+N=${N:-20000}
+W=${W:-32}
+NF=${NF:-300}
+N1=${N1:-2000}
+PORT_BASE=${PORT_BASE:-47300}
+LIMIT=${LIMIT:-60}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/target/interop/venv}
+[ -x "$VENV/bin/python" ] || VENV=/work/main/target/interop/venv
+INTEROP=${INTEROP:-$ROOT/../shared/interop}
+[ -d "$INTEROP" ] || INTEROP=/work/shared/interop
+BIN=$ROOT/target/release/oscore-gateway
+TCK=$(getconf CLK_TCK)
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    (cd "$ROOT" && cargo build --release --bin oscore-gateway >&2)
+fi
+
+TMP=$(mktemp -d /tmp/oscore-e2e.XXXXXX)
+PIDS=()
+
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    PIDS=()
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, logs to $TMP/NAME.log, sets $LAST_PID.
+start() {
+    local name=$1; shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+stop_all() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    PIDS=()
+}
+
+# wait_port PORT: until something has bound UDP 127.0.0.1:PORT (max 20 s).
+wait_port() {
+    local hex i
+    hex=$(printf ':%04X$' "$1")
+    for i in $(seq 1 400); do
+        # aiocoap binds an IPv6 socket (127.0.0.1 as ::ffff:127.0.0.1): look in udp6 too
+        if awk '{print $2}' /proc/net/udp /proc/net/udp6 2>/dev/null | grep -q "$hex"; then return 0; fi
+        sleep 0.05
+    done
+    echo "port $1 was not bound within 20 s; logs:" >&2
+    tail -n 20 "$TMP"/*.log >&2 || true
+    exit 1
+}
+
+ticks() { # utime+stime of PID in clock ticks (fields 14, 15 after the comm)
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+
+# measure ID LABEL "SERVER_PIDS" HOP_PID -- LOAD_ARGS...
+measure() {
+    local id=$1 label=$2 servers=$3 hop=$4; shift 5
+    local before=0 after=0 p json
+    for p in $servers; do before=$((before + $(ticks "$p"))); done
+    json=$("$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
+    for p in $servers; do after=$((after + $(ticks "$p"))); done
+    local rss
+    rss=$(hwm_kb "$hop")
+    python3 - "$id" "$label" "$((after - before))" "$TCK" "$rss" "$json" >>"$RESULTS" <<'PY'
+import json, sys
+rid, label, dticks, tck, rss, text = sys.argv[1:7]
+try:
+    r = json.loads(text)
+except Exception:
+    print(f"{rid}\t{label}\tFAILED\t-\t-\t-\t-\t-\t{text[:200]!r}")
+    sys.exit(0)
+ok = r["ok"]
+cpu = int(dticks) / int(tck)
+per100k = cpu / ok * 100000 if ok else float("nan")
+note = f"{r['errors']} err, {r['timeouts']} t/o, {r['unfinished']} unfinished" if (r["errors"] or r["timeouts"] or r["unfinished"]) else ""
+print(f"{rid}\t{label}\t{r['window']}\t{r['completed']}\t{r['requests_per_s']:.0f}\t{r['latency_us']['p50']:.1f}\t{r['latency_us']['p99']:.1f}\t{per100k:.2f}\t{int(rss)/1024:.1f}\t{note}")
+PY
+    tail -n 1 "$RESULTS" >&2
+}
+
+P=$PORT_BASE
+ECHO=$P; RELAY=$((P + 1)); ORIGIN=$((P + 2)); GW=$((P + 3)); OORIGIN=$((P + 4))
+AIO_FS=$((P + 5)); AIO_PROXY=$((P + 6)); AIO_OFS=$((P + 7))
+
+echo "== (a) load -> udp-echo" >&2
+start echo "$BIN" load --udp-echo 127.0.0.1:$ECHO --max-seconds 600; E=$LAST_PID
+wait_port $ECHO
+measure a "load -> udp-echo" "$E" "$E" -- coap://127.0.0.1:$ECHO/x --count "$N" --window "$W"
+measure a1 "load -> udp-echo" "$E" "$E" -- coap://127.0.0.1:$ECHO/x --count "$N1" --window 1
+
+echo "== (b) load -> udp-relay -> udp-echo" >&2
+start relay "$BIN" load --udp-relay 127.0.0.1:$RELAY --to 127.0.0.1:$ECHO --max-seconds 600; R=$LAST_PID
+wait_port $RELAY
+measure b "load -> udp-relay -> udp-echo" "$R $E" "$R" -- coap://127.0.0.1:$RELAY/x --count "$N" --window "$W"
+measure b1 "load -> udp-relay -> udp-echo" "$R $E" "$R" -- coap://127.0.0.1:$RELAY/x --count "$N1" --window 1
+stop_all
+
+echo "== (c) load -> gateway (plain forward) -> plain origin" >&2
+cat >"$TMP/plain.toml" <<TOML
+[coap]
+bind = ["127.0.0.1:$GW"]
+[policy]
+plain_forwarding = true
+TOML
+start origin "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
+start gw-plain "$BIN" run --config "$TMP/plain.toml"; G=$LAST_PID
+wait_port $ORIGIN; wait_port $GW
+measure c "load -> gateway (plain) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$ORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
+stop_all
+
+echo "== (d) load -> gateway (outbound OSCORE) -> OSCORE origin" >&2
+HAVE_VENV=
+[ -x "$VENV/bin/python" ] && [ -f "$INTEROP/make_contexts.py" ] && HAVE_VENV=1
+if [ -n "$HAVE_VENV" ]; then
+    "$VENV/bin/python" "$INTEROP/make_contexts.py" "$TMP/ctx-d" gw=04 --port $OORIGIN --host 127.0.0.1 >/dev/null
+else
+    # Without the interop venv: write one context pair by hand (aiocoap's format).
+    mkdir -p "$TMP/ctx-d/gw" "$TMP/ctx-d/server"
+    printf '{"sender-id_hex":"04","recipient-id_ascii":"file","secret_ascii":"e2e"}' >"$TMP/ctx-d/gw/settings.json"
+    printf '{"sender-id_ascii":"file","recipient-id_hex":"04","secret_ascii":"e2e"}' >"$TMP/ctx-d/server/settings.json"
+    printf '{"coap://127.0.0.1:%s/*":{"oscore":{"basedir":"%s"}}}' $OORIGIN "$TMP/ctx-d/gw" >"$TMP/ctx-d/gw.json"
+    printf '{":gw":{"oscore":{"basedir":"%s"}}}' "$TMP/ctx-d/server" >"$TMP/ctx-d/server.json"
+fi
+cat >"$TMP/oscore.toml" <<TOML
+[coap]
+bind = ["127.0.0.1:$GW"]
+[policy]
+plain_forwarding = false
+TOML
+start oorigin "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx-d/server.json" --max-seconds 600; O=$LAST_PID
+start gw-oscore "$BIN" run --config "$TMP/oscore.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
+wait_port $OORIGIN; wait_port $GW
+measure d "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
+measure d1 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N1" --window 1
+stop_all
+
+echo "== (e) OSCORE client -> gateway (inbound) -> plain origin" >&2
+if "$BIN" run --help 2>/dev/null | grep -qi inbound; then
+    printf 'e\tOSCORE -> gateway (inbound) -> origin\tskipped: inbound exists but this script does not drive it yet\n' >>"$RESULTS"
+else
+    printf 'e\tOSCORE -> gateway (inbound) -> origin\tskipped: inbound not built\n' >>"$RESULTS"
+fi
+tail -n 1 "$RESULTS" >&2
+
+if [ -n "$HAVE_VENV" ]; then
+    echo "== (f) load -> aiocoap-proxy -> aiocoap-fileserver" >&2
+    mkdir -p "$TMP/data"; printf 'hello world, a 30 byte file.\n' >"$TMP/data/hello.txt"
+    start fs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_FS; FS=$LAST_PID
+    start aproxy "$VENV/bin/aiocoap-proxy" --forward --bind 127.0.0.1:$AIO_PROXY; AP=$LAST_PID
+    wait_port $AIO_FS; wait_port $AIO_PROXY
+    measure f "load -> aiocoap-proxy -> aiocoap-fileserver" "$AP $FS" "$AP" -- coap://127.0.0.1:$AIO_FS/hello.txt --proxy coap://127.0.0.1:$AIO_PROXY --proxy-scheme --count "$NF" --window "$W"
+    stop_all
+
+    echo "== (g) load with OSCORE -> aiocoap-fileserver" >&2
+    "$VENV/bin/python" "$INTEROP/make_contexts.py" "$TMP/ctx-g" bench=03 --port $AIO_OFS --host 127.0.0.1 >/dev/null
+    start ofs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_OFS --credentials "$TMP/ctx-g/server.json"; FS=$LAST_PID
+    wait_port $AIO_OFS
+    measure g "load OSCORE -> aiocoap-fileserver" "$FS" "$FS" -- coap://127.0.0.1:$AIO_OFS/hello.txt --credentials "$TMP/ctx-g/bench.json" --count "$NF" --window "$W"
+    stop_all
+else
+    printf 'f\taiocoap-proxy\tskipped: no aiocoap venv at %s\n' "$VENV" >>"$RESULTS"
+    printf 'g\taiocoap-fileserver OSCORE\tskipped: no aiocoap venv at %s\n' "$VENV" >>"$RESULTS"
+fi
+
+echo
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "N=$N W=$W (aiocoap scenarios N=$NF; W=1 rows N=$N1); CPU = server-side processes (hop + origin) per 100k requests; RSS = the hop's peak (VmHWM)"
+echo
+python3 - "$RESULTS" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+print("| run | path | W | requests | req/s | p50 µs | p99 µs | CPU s /100k | hop peak RSS MB | note |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+by = {}
+for r in rows:
+    if len(r) >= 9:
+        print("| " + " | ".join(r[:9] + [r[9] if len(r) > 9 else ""]) + " |")
+        by[r[0]] = r
+    else:
+        print(f"| {r[0]} | {r[1]} | | | | | | | | {' '.join(r[2:])} |")
+def rate(k):
+    try: return float(by[k][4])
+    except Exception: return None
+def p50(k):
+    try: return float(by[k][5])
+    except Exception: return None
+print()
+d, b, f = rate("d"), rate("b"), rate("f")
+if d and b: print(f"(d)/(b) = {d/b:.3f}  (target >= 0.5)")
+if d and f: print(f"(d)/(f) = {d/f:.1f}  (target >= 100)")
+if p50("d1") is not None and p50("a1") is not None:
+    print(f"added latency at W=1: p50(d) - p50(a) = {p50('d1') - p50('a1'):.1f} µs  (target <= 30)")
+PY

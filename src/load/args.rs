@@ -1,0 +1,170 @@
+//! The `load` subcommand's flags and the mode they select.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::coap::CoapUri;
+
+use super::client::{LoadConfig, Method, ProxyForm};
+use super::serve::ServeConfig;
+
+/// `oscore-gateway load`: generator by default; `--serve`, `--udp-echo` or `--udp-relay`
+/// turn it into one of the peers it is measured against.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Target URI of the generator, e.g. coap://127.0.0.1:5683/load
+    pub uri: Option<String>,
+    /// Number of requests to complete (answered, failed or timed out)
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+    /// Requests outstanding at once
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    /// Stop after this many seconds even if --count is not reached (the rest are reported
+    /// as unfinished)
+    #[arg(long, default_value_t = 60.0)]
+    pub duration_limit: f64,
+    /// aiocoap credentials JSON: the generator protects its requests with the context whose
+    /// pattern matches the URI (no plain fallback); with --serve, the `:label` entries are
+    /// the server's contexts
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
+    /// Send through this forward proxy, e.g. coap://127.0.0.1:5690
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// With --proxy: name the target with Proxy-Scheme + Uri-Host + Uri-Port + Uri-Path
+    /// instead of Proxy-Uri
+    #[arg(long)]
+    pub proxy_scheme: bool,
+    /// Send NON requests (no retransmission) instead of CON
+    #[arg(long)]
+    pub non: bool,
+    /// GET or PUT
+    #[arg(short = 'm', long = "method", default_value = "GET")]
+    pub method: String,
+    /// Bytes of payload: in each PUT request, or (with --serve) in each response to GET
+    #[arg(long, default_value_t = 32)]
+    pub payload_size: usize,
+    /// Initial retransmission timeout for CON (RFC 7252 ACK_TIMEOUT), in milliseconds
+    #[arg(long, default_value_t = 2000)]
+    pub ack_timeout_ms: u64,
+    /// Retransmissions of a CON request before it counts as timed out (RFC 7252 MAX_RETRANSMIT)
+    #[arg(long, default_value_t = 4)]
+    pub max_retransmit: u32,
+    /// Give up on one request after this many seconds (CON and NON)
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    pub json: bool,
+    /// Serve as a minimal origin on ADDR:PORT (plain; OSCORE too with --credentials)
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["udp_echo", "udp_relay"])]
+    pub serve: Option<String>,
+    /// Bare UDP echo on ADDR:PORT: every datagram goes back to its sender unchanged
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "udp_relay")]
+    pub udp_echo: Option<String>,
+    /// Bare UDP relay on ADDR:PORT (needs --to): each client gets its own upstream socket
+    #[arg(long, value_name = "ADDR:PORT", requires = "to")]
+    pub udp_relay: Option<String>,
+    /// Upstream ADDR:PORT of --udp-relay
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub to: Option<String>,
+    /// Server modes: exit after this many seconds (default: until SIGINT/SIGTERM)
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+}
+
+pub enum Mode {
+    Load {
+        config: Box<LoadConfig>,
+        json: bool,
+    },
+    Serve(ServeConfig),
+    Echo {
+        bind: String,
+        max_seconds: Option<f64>,
+    },
+    Relay {
+        bind: String,
+        to: String,
+        max_seconds: Option<f64>,
+    },
+}
+
+fn seconds(name: &str, v: f64) -> Result<Duration, String> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!(
+            "--{name} must be a positive number of seconds, not {v}"
+        ))
+    }
+}
+
+impl LoadArgs {
+    pub fn into_mode(self) -> Result<Mode, String> {
+        if let Some(s) = self.max_seconds {
+            seconds("max-seconds", s)?;
+        }
+        if let Some(bind) = self.udp_echo {
+            return Ok(Mode::Echo {
+                bind,
+                max_seconds: self.max_seconds,
+            });
+        }
+        if let (Some(bind), Some(to)) = (self.udp_relay.clone(), self.to.clone()) {
+            return Ok(Mode::Relay {
+                bind,
+                to,
+                max_seconds: self.max_seconds,
+            });
+        }
+        if let Some(bind) = self.serve {
+            return Ok(Mode::Serve(ServeConfig {
+                bind,
+                credentials: self.credentials,
+                payload_size: self.payload_size,
+                max_seconds: self.max_seconds.map(Duration::from_secs_f64),
+            }));
+        }
+        let uri_text = self.uri.ok_or(
+            "a target URI is needed (or one of --serve, --udp-echo, --udp-relay)".to_string(),
+        )?;
+        let uri = CoapUri::parse(&uri_text).map_err(|e| format!("{uri_text}: {e}"))?;
+        let proxy = match &self.proxy {
+            Some(p) => Some(CoapUri::parse(p).map_err(|e| format!("--proxy {p}: {e}"))?),
+            None => None,
+        };
+        let method = match self.method.to_ascii_uppercase().as_str() {
+            "GET" => Method::Get,
+            "PUT" => Method::Put,
+            other => return Err(format!("--method must be GET or PUT, not {other:?}")),
+        };
+        if self.window == 0 || self.window > 65_535 {
+            return Err(format!("--window must be 1..=65535, not {}", self.window));
+        }
+        let config = LoadConfig {
+            uri,
+            proxy,
+            proxy_form: if self.proxy_scheme {
+                ProxyForm::ProxyScheme
+            } else {
+                ProxyForm::ProxyUri
+            },
+            credentials: self.credentials,
+            count: self.count,
+            window: self.window,
+            duration_limit: seconds("duration-limit", self.duration_limit)?,
+            confirmable: !self.non,
+            method,
+            payload_size: self.payload_size,
+            ack_timeout: Duration::from_millis(self.ack_timeout_ms.max(1)),
+            max_retransmit: self.max_retransmit,
+            timeout: seconds("timeout", self.timeout)?,
+        };
+        Ok(Mode::Load {
+            config: Box::new(config),
+            json: self.json,
+        })
+    }
+}
