@@ -666,6 +666,24 @@ allow = [":client1"]
     }
 
     #[test]
+    fn observe_max_relations() {
+        assert_eq!(
+            parse("").unwrap().max_observe_relations,
+            crate::gateway::observe::DEFAULT_MAX_RELATIONS
+        );
+        let c = parse("[observe]\nmax_relations = 3\n").unwrap();
+        assert_eq!(c.max_observe_relations, 3);
+        let s = parse("[observe]\nmax_relations = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.starts_with("/etc/gw/proxy.toml: observe.max_relations:"),
+            "{s}"
+        );
+        assert!(parse("[observe]\nmax = 3\n").is_err());
+    }
+
+    #[test]
     fn errors_name_file_and_key() {
         let e = parse("[policy]\nplain_forwarding = \"yes\"\n").unwrap_err();
         let s = e.to_string();

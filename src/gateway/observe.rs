@@ -464,20 +464,50 @@ impl Observations {
         client: ClientLink,
     ) -> Result<Vec<u8>, Refusal> {
         let key: Key = (client.peer, reg.request.token.to_vec());
-        // RFC 7641 §4.1: a registration on the token of an existing one replaces it.
-        let old = lock(&self.relations).remove(&key);
-        if let Some(old) = old {
-            let _ = old.cancel.try_send(Cancel::Stop);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (cancel, rx) = mpsc::channel(4);
+        {
+            // The slot is taken before the upstream exchange, so concurrent registrations
+            // cannot exceed the limit.
+            let mut relations = lock(&self.relations);
+            // RFC 7641 §4.1: a registration on the token of an existing one replaces it.
+            if let Some(old) = relations.remove(&key) {
+                let _ = old.cancel.try_send(Cancel::Stop);
+            }
+            if relations.len() >= self.max {
+                return Err(Refusal::new(
+                    Code::SERVICE_UNAVAILABLE,
+                    format!(
+                        "too many observations through the gateway ({}; observe.max_relations)",
+                        self.max
+                    ),
+                ));
+            }
+            relations.insert(
+                key.clone(),
+                Handle {
+                    id,
+                    cancel,
+                    mids: Vec::new(),
+                },
+            );
         }
-        if self.len() >= self.max {
-            return Err(Refusal::new(
-                Code::SERVICE_UNAVAILABLE,
-                format!(
-                    "too many observations through the gateway ({}; observe.max_relations)",
-                    self.max
-                ),
-            ));
+        let started = self.start(reg, client, key.clone(), id, rx).await;
+        if !matches!(started, Ok((_, true))) {
+            self.remove(&key, id);
         }
+        started.map(|(first, _)| first)
+    }
+
+    /// The upstream registration; `true` when a relation task now runs.
+    async fn start(
+        self: &Arc<Self>,
+        reg: Registration<'_>,
+        client: ClientLink,
+        key: Key,
+        id: u64,
+        rx: mpsc::Receiver<Cancel>,
+    ) -> Result<(Vec<u8>, bool), Refusal> {
         let uri = reg.target.uri.matching_uri();
         let peer = resolve(&reg.target.uri.host, reg.target.uri.effective_port())
             .await
@@ -556,21 +586,11 @@ impl Observations {
                 view.code
             );
             relayed(None, &mut first)?;
-            return Ok(first);
+            return Ok((first, false));
         }
         let observe = order.accept(info.partial_iv);
         relayed(observe, &mut first)?;
 
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (cancel, rx) = mpsc::channel(4);
-        lock(&self.relations).insert(
-            key.clone(),
-            Handle {
-                id,
-                cancel,
-                mids: Vec::new(),
-            },
-        );
         tracing::info!(
             "{}: observing {uri} for the client ({} relations)",
             client.peer,
@@ -594,7 +614,7 @@ impl Observations {
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
-        Ok(first)
+        Ok((first, true))
     }
 }
 
