@@ -60,7 +60,24 @@ struct RawConfig {
     #[serde(default)]
     blockwise: RawBlockwise,
     #[serde(default)]
+    observe: RawObserve,
+    #[serde(default)]
     route: Vec<RawRoute>,
+}
+
+/// `[observe]`: observations relayed across the hop (RFC 7641).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawObserve {
+    max_relations: usize,
+}
+
+impl Default for RawObserve {
+    fn default() -> Self {
+        Self {
+            max_relations: crate::gateway::observe::DEFAULT_MAX_RELATIONS,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +202,9 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// The message layer toward origins (`[coap]`).
     pub upstream: UpstreamConfig,
+    /// Observations relayed at once, at most (`observe.max_relations`); each holds one
+    /// UDP socket toward its origin.
+    pub max_observe_relations: usize,
 }
 
 /// `[coap]` keys of the message layer toward origins (RFC 7252 §4.7, §4.8).
@@ -265,6 +285,7 @@ impl Default for Config {
             blockwise: Limits::default(),
             routes: Vec::new(),
             upstream: UpstreamConfig::default(),
+            max_observe_relations: crate::gateway::observe::DEFAULT_MAX_RELATIONS,
         }
     }
 }
@@ -383,6 +404,12 @@ impl Config {
             max_transfers: b.max_transfers,
             max_message_size: raw.coap.max_message_size,
         };
+        if raw.observe.max_relations == 0 || raw.observe.max_relations > 65536 {
+            return Err(invalid(
+                "observe.max_relations".into(),
+                format!("{} is not in 1..=65536", raw.observe.max_relations),
+            ));
+        }
         let mut routes = Vec::with_capacity(raw.route.len());
         for (i, r) in raw.route.into_iter().enumerate() {
             routes.push(validate_route(r).map_err(|(k, m)| invalid(format!("route[{i}].{k}"), m))?);
@@ -399,6 +426,7 @@ impl Config {
             blockwise,
             routes,
             upstream,
+            max_observe_relations: raw.observe.max_relations,
         })
     }
 }
@@ -635,6 +663,24 @@ allow = [":client1"]
             let s = parse(text).unwrap_err().to_string();
             assert!(s.starts_with(&format!("/etc/gw/proxy.toml: {key}:")), "{s}");
         }
+    }
+
+    #[test]
+    fn observe_max_relations() {
+        assert_eq!(
+            parse("").unwrap().max_observe_relations,
+            crate::gateway::observe::DEFAULT_MAX_RELATIONS
+        );
+        let c = parse("[observe]\nmax_relations = 3\n").unwrap();
+        assert_eq!(c.max_observe_relations, 3);
+        let s = parse("[observe]\nmax_relations = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            s.starts_with("/etc/gw/proxy.toml: observe.max_relations:"),
+            "{s}"
+        );
+        assert!(parse("[observe]\nmax = 3\n").is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod contexts;
 pub mod dedup;
 pub mod forward;
 pub mod inbound;
+pub mod observe;
 pub mod passthrough;
 pub mod reply;
 pub mod server;
@@ -26,7 +27,7 @@ pub mod target;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use thiserror::Error;
@@ -80,6 +81,8 @@ pub struct Gateway {
     tags: RequestTags,
     /// The message layer toward origins: one socket and NSTART per origin.
     upstream: upstream::Upstream,
+    /// Observations relayed from OSCORE origins to plain clients (`observe`).
+    observations: Arc<observe::Observations>,
 }
 
 impl Gateway {
@@ -126,8 +129,99 @@ impl Gateway {
                 ack_timeout: config.upstream.ack_timeout,
                 ..upstream::LinkParams::default()
             }),
+            observations: Arc::new(observe::Observations::new(config.max_observe_relations)),
             config,
         })
+    }
+
+    /// The relayed observations (the server reports clients' Resets and shuts them down).
+    pub fn observations(&self) -> &observe::Observations {
+        &self.observations
+    }
+
+    /// A plain request with an Observe option from `client` (RFC 7641): Observe: 0 to a
+    /// target with an OSCORE credential registers an observation relayed by `observe`;
+    /// Observe: 1 on the token of a relayed observation cancels it upstream. Everything
+    /// else is handled like any request (`handle_request_from`: the origin's first
+    /// response only).
+    pub async fn handle_observe_request(
+        &self,
+        request: &MessageView<'_>,
+        datagram: &[u8],
+        client: observe::ClientLink,
+    ) -> Result<Vec<u8>, Refusal> {
+        let peer = client.peer;
+        let plain_get = !request.has_option(number::OSCORE)
+            && matches!(request.code, Code::GET | Code::FETCH)
+            && !request.has_option(number::BLOCK1);
+        match observe::request_observe(request) {
+            Some(1) if plain_get => {
+                if let Some(r) = self.observations.deregister(peer, request, datagram).await {
+                    return r;
+                }
+            }
+            Some(0) if plain_get => {
+                if let Some(r) = self.register_observation(request, datagram, client).await {
+                    return r;
+                }
+            }
+            _ => {}
+        }
+        self.handle_request_from(peer, request).await
+    }
+
+    /// `None`: the target has no OSCORE credential; the request goes the ordinary way.
+    async fn register_observation(
+        &self,
+        request: &MessageView<'_>,
+        datagram: &[u8],
+        client: observe::ClientLink,
+    ) -> Option<Result<Vec<u8>, Refusal>> {
+        let decided = async {
+            let hop_limit = target::forwarded_hop_limit(request, self.config.policy.hop_limit)?;
+            let target = target::resolve_target(request, &self.config.routes)?;
+            if let TargetKind::Route(i) = target.kind {
+                if let Some(route) = self.config.routes.get(i) {
+                    inbound::refuse_plain(route, i)?;
+                }
+            }
+            let uri = target.uri.matching_uri();
+            let Some(map) = &self.credentials else {
+                return Ok(None);
+            };
+            let Some((entry, cred)) = find_credential(map, &target.uri).map_err(|e| {
+                Refusal::new(
+                    Code::SERVICE_UNAVAILABLE,
+                    format!("credential for {uri}: {e}"),
+                )
+            })?
+            else {
+                return Ok(None);
+            };
+            let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
+                tracing::warn!("{uri}: credential {:?}: {e}", entry.key);
+                Refusal::new(
+                    Code::SERVICE_UNAVAILABLE,
+                    format!("OSCORE context for {uri} cannot be used: {e}"),
+                )
+            })?;
+            Ok(Some((hop_limit, target, protection)))
+        };
+        let (hop_limit, target, protection) = match decided.await {
+            Ok(Some(x)) => x,
+            Ok(None) => return None,
+            Err(refusal) => return Some(Err(refusal)),
+        };
+        let reg = observe::Registration {
+            request,
+            datagram,
+            target: &target,
+            hop_limit,
+            protection,
+            ack_timeout: self.config.upstream.ack_timeout,
+            timeout: self.config.policy.upstream_timeout,
+        };
+        Some(self.observations.register(reg, client).await)
     }
 
     pub fn config(&self) -> &Config {

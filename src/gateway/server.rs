@@ -89,6 +89,8 @@ pub async fn run(gateway: Gateway, listeners: Listeners, shutdown: impl Future<O
     {
         tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; closing anyway");
     }
+    // Observations deregister upstream (protected) before their contexts close.
+    gateway.observations().shutdown().await;
     for (dir, e) in gateway.contexts().close_all().await {
         tracing::error!("closing context {}: {e}", dir.display());
     }
@@ -133,6 +135,9 @@ async fn serve(
                 // The client's answer to a separate response.
                 if let Some(done) = lock(&pending).remove(&(peer, msg.message_id)) {
                     let _ = done.send(());
+                } else if msg.mtype == MessageType::Reset {
+                    // RFC 7641 §3.6: the client rejects a relayed notification.
+                    gateway.observations().client_reset(peer, msg.message_id);
                 }
                 continue;
             }
@@ -160,7 +165,21 @@ async fn serve(
             };
             let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
             let mut to = ReplyTo::for_request(&request, fresh_mid);
-            let work = gateway.handle_request_from(peer, &request);
+            let observing = request.has_option(crate::coap::number::OBSERVE);
+            let client = super::observe::ClientLink {
+                socket: Arc::clone(&socket),
+                peer,
+                next_mid: Arc::clone(&next_mid),
+            };
+            let work = async {
+                if observing {
+                    gateway
+                        .handle_observe_request(&request, &datagram, client)
+                        .await
+                } else {
+                    gateway.handle_request_from(peer, &request).await
+                }
+            };
             tokio::pin!(work);
             let mut separate = false;
             let result = if request.mtype == MessageType::Confirmable {
