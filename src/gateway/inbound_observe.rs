@@ -68,7 +68,15 @@ impl Gateway {
         };
         let relayable =
             matches!(inner.code, Code::GET | Code::FETCH) && !inner.has_option(number::BLOCK1);
-        let observe = request_observe(&inner).filter(|_| relayable);
+        // Registration: inner Observe 0 (kept by `unprotect_request` only under an outer
+        // Observe 0); deregistration: outer Observe 1 (its inner Observe is dropped, as
+        // aiocoap does, RFC 8613 §4.1.3.5.1).
+        let observe = match (request_observe(request), request_observe(&inner)) {
+            (Some(1), _) => Some(1),
+            (_, Some(0)) => Some(0),
+            _ => None,
+        }
+        .filter(|_| relayable);
         let peer = client.peer;
         // The request for the device: without the gateway's Echo, with Observe.
         let mut device_request = Vec::with_capacity(plain.len());
@@ -97,7 +105,13 @@ impl Gateway {
                             tracing::info!("{label}: deregistered its observation");
                             r
                         }
-                        None => self.inbound_forward(&sc, &inner).await,
+                        None => {
+                            tracing::info!(
+                                "{label}: Observe: 1 from {peer} on token {} matches no observation",
+                                crate::oscore::params::HexBytes(dev.token)
+                            );
+                            self.inbound_forward(&sc, &inner).await
+                        }
                     }
                 }
                 _ => self.inbound_forward(&sc, &inner).await,
