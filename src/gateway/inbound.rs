@@ -66,7 +66,7 @@ fn error_datagram(e: ErrorResponse) -> Vec<u8> {
 }
 
 /// A plain response datagram for the gateway's own answer (to be protected).
-fn refusal_datagram(r: &Refusal) -> Vec<u8> {
+pub(super) fn refusal_datagram(r: &Refusal) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + r.diagnostic.len());
     if let Ok(b) = MessageBuilder::new(&mut out, MessageType::Acknowledgement, r.code, 0, &[]) {
         b.payload(r.diagnostic.as_bytes());
@@ -75,10 +75,15 @@ fn refusal_datagram(r: &Refusal) -> Vec<u8> {
 }
 
 /// The decrypted request without what was meant for the gateway itself: the Echo of
-/// App. B.1.2 (answered here) and Observe (this path makes one exchange per request and
-/// cannot relay notifications, so it does not register at the device; the client sees a
-/// response without Observe, i.e. not registered, RFC 7641 §3.1).
-fn for_device(inner: &MessageView<'_>, out: &mut Vec<u8>) -> Result<(), Refusal> {
+/// App. B.1.2 (answered here) and, unless `keep_observe` (the Observe relay,
+/// `inbound_observe`), Observe (this path makes one exchange per request and cannot relay
+/// notifications, so it does not register at the device; the client sees a response
+/// without Observe, i.e. not registered, RFC 7641 §3.1).
+pub(super) fn for_device(
+    inner: &MessageView<'_>,
+    keep_observe: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), Refusal> {
     let internal = |e: crate::coap::CodecError| {
         Refusal::new(
             Code::INTERNAL_SERVER_ERROR,
@@ -88,7 +93,7 @@ fn for_device(inner: &MessageView<'_>, out: &mut Vec<u8>) -> Result<(), Refusal>
     let mut b = MessageBuilder::new(out, inner.mtype, inner.code, inner.message_id, inner.token)
         .map_err(internal)?;
     for o in inner.options() {
-        if o.number != number::ECHO && o.number != number::OBSERVE {
+        if o.number != number::ECHO && (keep_observe || o.number != number::OBSERVE) {
             b.option(o.number, o.value).map_err(internal)?;
         }
     }
@@ -168,6 +173,36 @@ impl Gateway {
 
     /// Path 1: verify with `sc`, forward in plain, protect the answer.
     async fn inbound(&self, sc: &ServerContext, request: &MessageView<'_>) -> Vec<u8> {
+        let (binding, plain) = match self.verify_inbound(sc, request).await {
+            Ok(x) => x,
+            Err(answer) => return answer,
+        };
+        let label = sc.label.as_str();
+        let response = match MessageView::parse(&plain) {
+            Ok(inner) => match self.inbound_forward(sc, &inner).await {
+                Ok(r) => r,
+                Err(refusal) => {
+                    tracing::info!("{label}: {} {}", refusal.code, refusal.diagnostic);
+                    refusal_datagram(&refusal)
+                }
+            },
+            // unprotect_request has parsed it already; kept for robustness
+            Err(e) => refusal_datagram(&Refusal::new(
+                Code::BAD_REQUEST,
+                format!("malformed inner request: {e}"),
+            )),
+        };
+        self.protect_back(sc, &binding, &response).await
+    }
+
+    /// Verifies `request` with `sc` (RFC 8613 §8.2, replay window §7.4, App. B.1.2 Echo):
+    /// the binding and the decrypted request, or the answer for the client (an error or
+    /// the protected 4.01 + Echo challenge).
+    pub(super) async fn verify_inbound(
+        &self,
+        sc: &ServerContext,
+        request: &MessageView<'_>,
+    ) -> Result<(RequestBinding, Vec<u8>), Vec<u8>> {
         let ctx = sc.protection.security_context();
         let label = sc.label.as_str();
         let mut plain = Vec::with_capacity(request.payload.len() + 64);
@@ -198,54 +233,26 @@ impl Gateway {
                             let _ = b.option(number::ECHO, self.server.echo());
                             b.finish();
                         }
-                        return self.protect_back(sc, &u.binding, &challenge).await;
+                        return Err(self.protect_back(sc, &u.binding, &challenge).await);
                     }
-                    Err(e) => return verification_failed(label, &e),
+                    Err(e) => return Err(verification_failed(label, &e)),
                 }
             }
-            Err(e) => return verification_failed(label, &e),
+            Err(e) => return Err(verification_failed(label, &e)),
         };
-        let response = match MessageView::parse(&plain) {
-            Ok(inner) => match self.inbound_forward(sc, &inner).await {
-                Ok(r) => r,
-                Err(refusal) => {
-                    tracing::info!("{label}: {} {}", refusal.code, refusal.diagnostic);
-                    refusal_datagram(&refusal)
-                }
-            },
-            // unprotect_request has parsed it already; kept for robustness
-            Err(e) => refusal_datagram(&Refusal::new(
-                Code::BAD_REQUEST,
-                format!("malformed inner request: {e}"),
-            )),
-        };
-        self.protect_back(sc, &binding, &response).await
+        Ok((binding, plain))
     }
 
     /// Routes the verified request, applies the route's `allow`, and sends it upstream.
-    async fn inbound_forward(
+    pub(super) async fn inbound_forward(
         &self,
         sc: &ServerContext,
         inner: &MessageView<'_>,
     ) -> Result<Vec<u8>, Refusal> {
-        let label = sc.label.as_str();
-        let hop_limit = forwarded_hop_limit(inner, self.config.policy.hop_limit)?;
-        let target = resolve_target(inner, &self.config.routes)?;
+        let (target, hop_limit) = self.inbound_route(sc, inner)?;
         let uri = target.uri.matching_uri();
-        if let TargetKind::Route(i) = target.kind {
-            if let Some(route) = self.config.routes.get(i) {
-                if !route.allows_label(label) {
-                    tracing::info!("{label}: not in route[{i}].allow ({uri}): 4.03");
-                    return Err(Refusal::new(
-                        Code::FORBIDDEN,
-                        "this client is not allowed to use this resource",
-                    ));
-                }
-            }
-        }
-        tracing::info!("{label}: inbound {} to {uri}", inner.code);
         let mut request = Vec::with_capacity(inner.payload.len() + 64);
-        for_device(inner, &mut request)?;
+        for_device(inner, false, &mut request)?;
         let request = MessageView::parse(&request).map_err(|e| {
             Refusal::new(
                 Code::INTERNAL_SERVER_ERROR,
@@ -299,6 +306,31 @@ impl Gateway {
         .map_err(|_| timed_out())?
     }
 
+    /// The verified request's target and Hop-Limit, after the route's `allow`.
+    pub(super) fn inbound_route(
+        &self,
+        sc: &ServerContext,
+        inner: &MessageView<'_>,
+    ) -> Result<(Target, u8), Refusal> {
+        let label = sc.label.as_str();
+        let hop_limit = forwarded_hop_limit(inner, self.config.policy.hop_limit)?;
+        let target = resolve_target(inner, &self.config.routes)?;
+        let uri = target.uri.matching_uri();
+        if let TargetKind::Route(i) = target.kind {
+            if let Some(route) = self.config.routes.get(i) {
+                if !route.allows_label(label) {
+                    tracing::info!("{label}: not in route[{i}].allow ({uri}): 4.03");
+                    return Err(Refusal::new(
+                        Code::FORBIDDEN,
+                        "this client is not allowed to use this resource",
+                    ));
+                }
+            }
+        }
+        tracing::info!("{label}: inbound {} to {uri}", inner.code);
+        Ok((target, hop_limit))
+    }
+
     /// One plain exchange with the device over this client's link to it.
     async fn device_exchange(
         &self,
@@ -348,7 +380,7 @@ impl Gateway {
 
     /// Protects `response` (a plain datagram) for the request of `binding`: the request's
     /// nonce when allowed, else our own Partial IV (App. B.1.2).
-    async fn protect_back(
+    pub(super) async fn protect_back(
         &self,
         sc: &ServerContext,
         binding: &RequestBinding,
@@ -453,10 +485,18 @@ mod tests {
         b.option(number::ECHO, &[1; 8]).unwrap();
         b.finish();
         let mut out = Vec::new();
-        for_device(&MessageView::parse(&m).unwrap(), &mut out).unwrap();
+        for_device(&MessageView::parse(&m).unwrap(), false, &mut out).unwrap();
         let v = MessageView::parse(&out).unwrap();
         let numbers: Vec<u16> = v.options().map(|o| o.number).collect();
         assert_eq!(numbers, vec![number::URI_PATH, number::BLOCK2]);
+        // the Observe relay keeps Observe (still without Echo)
+        for_device(&MessageView::parse(&m).unwrap(), true, &mut out).unwrap();
+        let v = MessageView::parse(&out).unwrap();
+        let numbers: Vec<u16> = v.options().map(|o| o.number).collect();
+        assert_eq!(
+            numbers,
+            vec![number::OBSERVE, number::URI_PATH, number::BLOCK2]
+        );
     }
 
     #[test]

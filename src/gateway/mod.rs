@@ -18,6 +18,7 @@ pub mod contexts;
 pub mod dedup;
 pub mod forward;
 pub mod inbound;
+mod inbound_observe;
 pub mod observe;
 pub mod passthrough;
 pub mod reply;
@@ -151,12 +152,20 @@ impl Gateway {
         client: observe::ClientLink,
     ) -> Result<Vec<u8>, Refusal> {
         let peer = client.peer;
+        if request.has_option(number::OSCORE) {
+            // an OSCORE client's registration of a device resource (`inbound_observe`)
+            return self.handle_protected_observe(request, client).await;
+        }
         let plain_get = !request.has_option(number::OSCORE)
             && matches!(request.code, Code::GET | Code::FETCH)
             && !request.has_option(number::BLOCK1);
         match observe::request_observe(request) {
             Some(1) if plain_get => {
-                if let Some(r) = self.observations.deregister(peer, request, datagram).await {
+                if let Some(r) = self
+                    .observations
+                    .deregister(peer, request, datagram, false)
+                    .await
+                {
                     return r;
                 }
             }
@@ -217,7 +226,8 @@ impl Gateway {
             datagram,
             target: &target,
             hop_limit,
-            protection,
+            protection: Some(protection),
+            downstream: observe::Downstream::Plain,
             ack_timeout: self.config.upstream.ack_timeout,
             timeout: self.config.policy.upstream_timeout,
         };

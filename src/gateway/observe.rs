@@ -33,7 +33,9 @@ use crate::coap::{number, Code, MessageBuilder, MessageType, MessageView};
 use crate::oscore::{unprotect_response, RequestBinding, ResponseInfo};
 
 use super::contexts::OscoreProtection;
+use super::inbound::protect_notification;
 use super::reply::reset;
+use super::server_contexts::ServerContext;
 use super::target::{build_upstream_request_with, Refusal, Target, UpstreamBody};
 
 /// Default of `observe.max_relations`.
@@ -55,6 +57,8 @@ const MIDS_PER_RELATION: usize = 8;
 #[derive(Debug, Clone)]
 pub struct NotificationOrder {
     last: Option<i128>,
+    /// The last accepted Observe value of a plain origin ([`Self::accept_observe`]).
+    last_observe: Option<u32>,
     next_observe: u32,
 }
 
@@ -70,8 +74,34 @@ impl NotificationOrder {
         // deregistration value 1 (which are request values only, but easy to confuse).
         Self {
             last: None,
+            last_observe: None,
             next_observe: 2,
         }
+    }
+
+    fn next_client_observe(&mut self) -> u32 {
+        let v = self.next_observe;
+        self.next_observe = (self.next_observe + 1) % OBSERVE_MODULUS;
+        v
+    }
+
+    /// For a plain origin (no Partial IV): the client's Observe value for a notification
+    /// with the origin's Observe value `v`, or `None` when it is not fresher than the last
+    /// accepted one by RFC 7641 §3.4 (24-bit serial number arithmetic, or more than 128 s
+    /// since the last accepted one, `since_last`).
+    pub fn accept_observe(&mut self, v: u32, since_last: Duration) -> Option<u32> {
+        let v = v % OBSERVE_MODULUS;
+        if let Some(last) = self.last_observe {
+            let half = OBSERVE_MODULUS / 2;
+            let fresh = (last < v && v - last < half)
+                || (last > v && last - v > half)
+                || since_last > Duration::from_secs(128);
+            if !fresh {
+                return None;
+            }
+        }
+        self.last_observe = Some(v);
+        Some(self.next_client_observe())
     }
 
     /// The client's Observe value for a verified notification with Partial IV `piv`, or
@@ -82,9 +112,7 @@ impl NotificationOrder {
             return None;
         }
         self.last = Some(n);
-        let v = self.next_observe;
-        self.next_observe = (self.next_observe + 1) % OBSERVE_MODULUS;
-        Some(v)
+        Some(self.next_client_observe())
     }
 }
 
@@ -172,6 +200,9 @@ struct DeregisterRequest {
 struct Handle {
     id: u64,
     cancel: mpsc::Sender<Cancel>,
+    /// The client registered with OSCORE (inbound relay): only an OSCORE request may
+    /// deregister it, and a plain one only a plain relation.
+    oscore_client: bool,
     /// Message IDs of the last notifications sent to the client.
     mids: Vec<u16>,
 }
@@ -258,19 +289,23 @@ impl Observations {
     }
 
     /// The client's GET with Observe: 1 on a relation's token: the relation deregisters
-    /// upstream with `request` and the origin's answer comes back. `None`: no such relation.
+    /// upstream with `request` and the origin's answer (a plain datagram) comes back.
+    /// `oscore_client`: `request` is the verified inner request of an OSCORE client (its
+    /// answer is protected by the caller). `None`: no such relation.
     pub async fn deregister(
         &self,
         peer: SocketAddr,
         request: &MessageView<'_>,
         datagram: &[u8],
+        oscore_client: bool,
     ) -> Option<Result<Vec<u8>, Refusal>> {
         let cancel = {
             let relations = lock(&self.relations);
-            relations
-                .get(&(peer, request.token.to_vec()))?
-                .cancel
-                .clone()
+            let h = relations.get(&(peer, request.token.to_vec()))?;
+            if h.oscore_client != oscore_client {
+                return None;
+            }
+            h.cancel.clone()
         };
         let (reply, rx) = oneshot::channel();
         let sent = cancel
@@ -293,14 +328,60 @@ impl Observations {
 
 // ------------------------------------------------------------------ the upstream side
 
+/// How a relation's notifications reach the client.
+pub enum Downstream {
+    /// A plain client: notifications as they are (with the client's token and Observe).
+    Plain,
+    /// An OSCORE client whose registration the gateway verified (inbound, issue 4): each
+    /// notification is protected under the registration's `binding` with the gateway's
+    /// own Partial IV (`inbound::protect_notification`, RFC 8613 §4.1.3.5.2, §7.4.1).
+    Oscore {
+        sc: Arc<ServerContext>,
+        binding: RequestBinding,
+    },
+}
+
+impl Downstream {
+    /// `plain` as the client must get it; `None` when it cannot be protected.
+    async fn for_client(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            Downstream::Plain => Some(plain.to_vec()),
+            Downstream::Oscore { sc, binding } => {
+                let out = protect_notification(sc, binding, plain).await;
+                // protect_notification answers an unprotected 5.0x when it fails
+                let protected =
+                    MessageView::parse(&out).is_ok_and(|v| v.has_option(number::OSCORE));
+                if !protected {
+                    tracing::warn!("{}: a notification could not be protected", sc.label);
+                }
+                protected.then_some(out)
+            }
+        }
+    }
+
+    /// `for_client` for the response to the registration (an error is the caller's).
+    async fn first_for_client(&self, plain: &[u8]) -> Result<Vec<u8>, Refusal> {
+        self.for_client(plain).await.ok_or_else(|| {
+            Refusal::new(
+                Code::INTERNAL_SERVER_ERROR,
+                "cannot protect the response for the client",
+            )
+        })
+    }
+}
+
 /// What a registration needs from the gateway's decision.
 pub struct Registration<'a> {
+    /// The (plain) request to observe the origin with: the client's, or for an OSCORE
+    /// client its verified inner request.
     pub request: &'a MessageView<'a>,
     /// `request` as received (kept for building the deregistration).
     pub datagram: &'a [u8],
     pub target: &'a Target,
     pub hop_limit: u8,
-    pub protection: Arc<OscoreProtection>,
+    /// The origin's OSCORE context; `None`: the origin is a plain device (inbound relay).
+    pub protection: Option<Arc<OscoreProtection>>,
+    pub downstream: Downstream,
     pub ack_timeout: Duration,
     pub timeout: Duration,
 }
@@ -416,6 +497,49 @@ impl Upstream {
     }
 }
 
+/// A relation's leg toward the origin.
+enum Leg {
+    /// OSCORE toward the origin: responses are verified against the registration's binding.
+    Oscore {
+        protection: Arc<OscoreProtection>,
+        binding: RequestBinding,
+    },
+    /// A plain device on a trusted link (the inbound relay, issue 4).
+    Plain,
+}
+
+impl Leg {
+    /// The plain response in `d` and its Partial IV (OSCORE only).
+    fn open(&self, d: &[u8]) -> Result<(Vec<u8>, Option<u64>), String> {
+        match self {
+            Leg::Oscore {
+                protection,
+                binding,
+            } => verify(protection, binding, d).map(|(inner, info)| (inner, info.partial_iv)),
+            Leg::Plain => Ok((d.to_vec(), None)),
+        }
+    }
+
+    /// The client's Observe value for the notification `view` (Partial IV `piv`), or
+    /// `None` when it is not newer: ordered by the Partial IV behind OSCORE, by the
+    /// device's Observe value on a plain leg (RFC 7641 §3.4).
+    fn accept(
+        &self,
+        order: &mut NotificationOrder,
+        piv: Option<u64>,
+        view: &MessageView<'_>,
+        since_last: Duration,
+    ) -> Option<u32> {
+        match self {
+            Leg::Oscore { .. } => order.accept(piv),
+            Leg::Plain => {
+                let v = u32::try_from(request_observe(view)?).ok()?;
+                order.accept_observe(v, since_last)
+            }
+        }
+    }
+}
+
 /// Verifies `datagram` as a response to `binding`; the inner message and its info.
 fn verify(
     protection: &OscoreProtection,
@@ -488,6 +612,7 @@ impl Observations {
                 Handle {
                     id,
                     cancel,
+                    oscore_client: matches!(reg.downstream, Downstream::Oscore { .. }),
                     mids: Vec::new(),
                 },
             );
@@ -547,16 +672,31 @@ impl Observations {
             &up.token,
             &mut plain,
         )?;
-        let mut wire = Vec::with_capacity(plain.len() + 64);
-        let binding = protect(&reg.protection, &plain, &mut wire).await?;
         let deadline = tokio::time::Instant::now() + reg.timeout;
-        let protection = Arc::clone(&reg.protection);
-        let verified = up
-            .request(&mut wire, deadline, |d| {
-                Some(verify(&protection, &binding, d))
-            })
-            .await?;
-        let (inner, info) = verified.map_err(|e| {
+        let (leg, verified) = match reg.protection {
+            Some(protection) => {
+                let mut wire = Vec::with_capacity(plain.len() + 64);
+                let binding = protect(&protection, &plain, &mut wire).await?;
+                let verified = up
+                    .request(&mut wire, deadline, |d| {
+                        Some(verify(&protection, &binding, d))
+                    })
+                    .await?;
+                let leg = Leg::Oscore {
+                    protection,
+                    binding,
+                };
+                (leg, verified.map(|(inner, info)| (inner, info.partial_iv)))
+            }
+            // a plain device: its first response on our token is the answer
+            None => {
+                let d = up
+                    .request(&mut plain, deadline, |d| Some(d.to_vec()))
+                    .await?;
+                (Leg::Plain, Ok((d, None)))
+            }
+        };
+        let (inner, piv) = verified.map_err(|e| {
             Refusal::new(
                 Code::BAD_GATEWAY,
                 format!("response from {uri} failed OSCORE verification: {e}"),
@@ -586,10 +726,13 @@ impl Observations {
                 view.code
             );
             relayed(None, &mut first)?;
-            return Ok((first, false));
+            return Ok((reg.downstream.first_for_client(&first).await?, false));
         }
-        let observe = order.accept(info.partial_iv);
+        let observe = leg.accept(&mut order, piv, &view, Duration::ZERO);
         relayed(observe, &mut first)?;
+        // Protected before the relation task runs, so its Partial IV is below those of
+        // the notifications.
+        let first = reg.downstream.first_for_client(&first).await?;
 
         tracing::info!(
             "{}: observing {uri} for the client ({} relations)",
@@ -602,9 +745,10 @@ impl Observations {
             id,
             uri,
             up,
-            protection: reg.protection,
-            binding,
+            leg,
+            downstream: reg.downstream,
             order,
+            last_accepted: tokio::time::Instant::now(),
             client,
             registration: reg.datagram.to_vec(),
             hop_limit: reg.hop_limit,
@@ -625,9 +769,11 @@ struct Relation {
     id: u64,
     uri: String,
     up: Upstream,
-    protection: Arc<OscoreProtection>,
-    binding: RequestBinding,
+    leg: Leg,
+    downstream: Downstream,
     order: NotificationOrder,
+    /// When the last notification was accepted (RFC 7641 §3.4's 128 s rule).
+    last_accepted: tokio::time::Instant,
     client: ClientLink,
     /// The client's registration request (for building the deregistration).
     registration: Vec<u8>,
@@ -681,7 +827,7 @@ impl Relation {
             return true;
         }
         self.up.ack(&v).await;
-        let (inner, info) = match verify(&self.protection, &self.binding, d) {
+        let (inner, piv) = match self.leg.open(d) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("{}: notification failed OSCORE verification: {e}", self.uri);
@@ -700,17 +846,22 @@ impl Relation {
         };
         let step = classify(&view);
         let observe = match step {
-            Step::Notification => match self.order.accept(info.partial_iv) {
-                Some(o) => Some(o),
-                None => {
-                    tracing::debug!(
-                        "{}: dropped a notification with Partial IV {:?} (not newer)",
-                        self.uri,
-                        info.partial_iv
-                    );
-                    return true;
+            Step::Notification => {
+                let since_last = self.last_accepted.elapsed();
+                match self.leg.accept(&mut self.order, piv, &view, since_last) {
+                    Some(o) => {
+                        self.last_accepted = tokio::time::Instant::now();
+                        Some(o)
+                    }
+                    None => {
+                        tracing::debug!(
+                            "{}: dropped a notification (Partial IV {piv:?}; not newer)",
+                            self.uri,
+                        );
+                        return true;
+                    }
                 }
-            },
+            }
             Step::Final => None,
         };
         let mid = self.client.fresh_mid();
@@ -726,6 +877,9 @@ impl Relation {
         )
         .is_ok()
         {
+            let Some(out) = self.downstream.for_client(&out).await else {
+                return step == Step::Notification;
+            };
             self.observations.remember_mid(&self.key, self.id, mid);
             if let Err(e) = self.client.socket.send_to(&out, self.client.peer).await {
                 tracing::debug!("send to {}: {e}", self.client.peer);
@@ -745,7 +899,9 @@ impl Relation {
         ) {
             b.payload(refusal.diagnostic.as_bytes());
         }
-        let _ = self.client.socket.send_to(&out, self.client.peer).await;
+        if let Some(out) = self.downstream.for_client(&out).await {
+            let _ = self.client.socket.send_to(&out, self.client.peer).await;
+        }
     }
 
     /// Sends Observe: 1 upstream on the registration's token (with the client's
@@ -770,18 +926,30 @@ impl Relation {
             &self.up.token,
             &mut plain,
         )?;
-        let mut wire = Vec::with_capacity(plain.len() + 64);
-        let binding = protect(&self.protection, &plain, &mut wire).await?;
         let deadline = tokio::time::Instant::now() + DEREGISTER_WAIT;
-        let protection = Arc::clone(&self.protection);
-        // Late notifications of the observation arrive on the same token; they do not
-        // verify against the new binding and are skipped.
-        let (inner, _) = self
-            .up
-            .request(&mut wire, deadline, |d| {
-                verify(&protection, &binding, d).ok()
-            })
-            .await?;
+        // Late notifications of the observation arrive on the same token; behind OSCORE
+        // they do not verify against the new binding, from a plain device they carry
+        // Observe (the answer to Observe: 1 does not): either way they are skipped.
+        let inner = match &self.leg {
+            Leg::Oscore { protection, .. } => {
+                let mut wire = Vec::with_capacity(plain.len() + 64);
+                let binding = protect(protection, &plain, &mut wire).await?;
+                self.up
+                    .request(&mut wire, deadline, |d| {
+                        verify(protection, &binding, d).ok().map(|(inner, _)| inner)
+                    })
+                    .await?
+            }
+            Leg::Plain => {
+                self.up
+                    .request(&mut plain, deadline, |d| {
+                        MessageView::parse(d)
+                            .is_ok_and(|v| !v.has_option(number::OBSERVE))
+                            .then(|| d.to_vec())
+                    })
+                    .await?
+            }
+        };
         tracing::info!("{}: observation cancelled upstream", self.uri);
         let view = MessageView::parse(&inner).map_err(|e| {
             Refusal::new(
@@ -837,6 +1005,24 @@ mod tests {
         o.next_observe = OBSERVE_MODULUS - 1;
         assert_eq!(o.accept(Some(1)), Some(OBSERVE_MODULUS - 1));
         assert_eq!(o.accept(Some(2)), Some(0));
+    }
+
+    #[test]
+    fn plain_origin_order_follows_rfc7641_freshness() {
+        let mut o = NotificationOrder::new();
+        let t = Duration::from_secs(1);
+        assert_eq!(o.accept_observe(10, t), Some(2));
+        assert_eq!(o.accept_observe(10, t), None); // same value
+        assert_eq!(o.accept_observe(9, t), None); // older
+        assert_eq!(o.accept_observe(11, t), Some(3));
+        // far ahead (more than 2^23): counts as older
+        assert_eq!(o.accept_observe(11 + (1 << 23) + 1, t), None);
+        // but anything goes after 128 s
+        assert_eq!(o.accept_observe(5, Duration::from_secs(129)), Some(4));
+        // wrap-around of the 24-bit value is newer
+        let mut o = NotificationOrder::new();
+        assert_eq!(o.accept_observe(OBSERVE_MODULUS - 2, t), Some(2));
+        assert_eq!(o.accept_observe(1, t), Some(3));
     }
 
     fn response(code: Code, observe: Option<u64>) -> Vec<u8> {
