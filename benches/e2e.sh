@@ -6,9 +6,17 @@
 #   (b) load -> udp-relay -> udp-echo                     the simplest user-space hop
 #   (c) load -> gateway (plain forward) -> plain origin   (load --serve)
 #   (d) load -> gateway (outbound OSCORE) -> OSCORE origin (load --serve --credentials)
-#   (e) OSCORE client -> gateway (inbound) -> plain origin  (skipped until inbound exists)
+#   (e) OSCORE client -> gateway (inbound) -> plain origin (load --credentials -> gateway
+#       holding the :client1 server context, [[route]] -> load --serve)
 #   (f) load -> aiocoap-proxy -> aiocoap-fileserver      (small N: aiocoap is slow)
 #   (g) load with OSCORE -> aiocoap-fileserver            (small N)
+#
+# The gateway runs with [coap] nstart = NSTART (default 64): with the RFC 7252 default of 1
+# the gateway has one exchange at a time in flight toward the origin and measures the
+# loopback round trip, not the gateway; row d-n1 shows that case.
+#
+# The main rows run at window W (64: the (d)/(b) target); d@32, f and g run at W32 (32: the
+# (d)/(f) target); a1, b1, d1 at W=1 (the added-latency target).
 #
 # For each: requests/s, p50 and p99 latency, CPU seconds per 100k requests of the server-side
 # processes (utime+stime from /proc/PID/stat, hop and origin together) and the hop's peak RSS
@@ -21,12 +29,14 @@
 # Proxy-Uri with 5.01), the same request form for the gateway and aiocoap.
 #
 # Usage: benches/e2e.sh            (from the project root; builds the release binary)
-# Env:   N=20000 W=32 NF=300 (aiocoap scenarios) N1=2000 (W=1 runs) PORT_BASE=47300
+# Env:   N=20000 W=64 W32=32 NSTART=64 NF=300 (aiocoap scenarios) N1=2000 (W=1 runs) PORT_BASE=47300
 #        SKIP_BUILD=1  VENV=/work/main/target/interop/venv  INTEROP=/work/shared/interop
 set -euo pipefail
 
 N=${N:-20000}
-W=${W:-32}
+W=${W:-64}
+W32=${W32:-32}
+NSTART=${NSTART:-64}
 NF=${NF:-300}
 N1=${N1:-2000}
 PORT_BASE=${PORT_BASE:-47300}
@@ -149,6 +159,7 @@ echo "== (c) load -> gateway (plain forward) -> plain origin" >&2
 cat >"$TMP/plain.toml" <<TOML
 [coap]
 bind = ["127.0.0.1:$GW"]
+nstart = $NSTART
 [policy]
 plain_forwarding = true
 TOML
@@ -171,26 +182,53 @@ else
     printf '{"coap://127.0.0.1:%s/*":{"oscore":{"basedir":"%s"}}}' $OORIGIN "$TMP/ctx-d/gw" >"$TMP/ctx-d/gw.json"
     printf '{":gw":{"oscore":{"basedir":"%s"}}}' "$TMP/ctx-d/server" >"$TMP/ctx-d/server.json"
 fi
-cat >"$TMP/oscore.toml" <<TOML
+oscore_toml() { # oscore_toml NSTART
+    cat <<TOML
 [coap]
 bind = ["127.0.0.1:$GW"]
+nstart = $1
 [policy]
 plain_forwarding = false
 TOML
+}
+oscore_toml "$NSTART" >"$TMP/oscore.toml"
+oscore_toml 1 >"$TMP/oscore-n1.toml"
 start oorigin "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx-d/server.json" --max-seconds 600; O=$LAST_PID
 start gw-oscore "$BIN" run --config "$TMP/oscore.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
 wait_port $OORIGIN; wait_port $GW
 measure d "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
+measure d@32 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W32"
 measure d1 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N1" --window 1
+stop_pid "$G"
+start gw-oscore-n1 "$BIN" run --config "$TMP/oscore-n1.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
+wait_port $GW
+measure d-n1 "same as d, gateway nstart = 1" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
 stop_all
 
 echo "== (e) OSCORE client -> gateway (inbound) -> plain origin" >&2
-if "$BIN" run --help 2>/dev/null | grep -qi inbound; then
-    printf 'e\tOSCORE -> gateway (inbound) -> origin\tskipped: inbound exists but this script does not drive it yet\n' >>"$RESULTS"
-else
-    printf 'e\tOSCORE -> gateway (inbound) -> origin\tskipped: inbound not built\n' >>"$RESULTS"
-fi
-tail -n 1 "$RESULTS" >&2
+# The client's and the gateway's halves of one context pair (aiocoap's settings.json format):
+# the load tool protects with the client half for coap://127.0.0.1:$GW/*, the gateway holds
+# the other half as the server-side context :client1 and routes everything to the origin.
+mkdir -p "$TMP/ctx-e/client" "$TMP/ctx-e/gw"
+printf '{"sender-id_hex":"01","recipient-id_ascii":"gw","secret_ascii":"e2e-inbound"}' >"$TMP/ctx-e/client/settings.json"
+printf '{"sender-id_ascii":"gw","recipient-id_hex":"01","secret_ascii":"e2e-inbound"}' >"$TMP/ctx-e/gw/settings.json"
+printf '{"coap://127.0.0.1:%s/*":{"oscore":{"basedir":"%s"}}}' $GW "$TMP/ctx-e/client" >"$TMP/ctx-e/client.json"
+printf '{":client1":{"oscore":{"basedir":"%s"}}}' "$TMP/ctx-e/gw" >"$TMP/ctx-e/gw.json"
+cat >"$TMP/inbound.toml" <<TOML
+[coap]
+bind = ["127.0.0.1:$GW"]
+nstart = $NSTART
+[policy]
+plain_forwarding = false
+[[route]]
+target = "coap://127.0.0.1:$ORIGIN"
+allow = [":client1"]
+TOML
+start origin "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
+start gw-inbound "$BIN" run --config "$TMP/inbound.toml" --credentials "$TMP/ctx-e/gw.json"; G=$LAST_PID
+wait_port $ORIGIN; wait_port $GW
+measure e "OSCORE load -> gateway (inbound) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$GW/x --credentials "$TMP/ctx-e/client.json" --count "$N" --window "$W"
+stop_all
 
 if [ -n "$HAVE_VENV" ]; then
     echo "== (f) load -> aiocoap-proxy -> aiocoap-fileserver" >&2
@@ -198,14 +236,14 @@ if [ -n "$HAVE_VENV" ]; then
     start fs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_FS; FS=$LAST_PID
     start aproxy "$VENV/bin/aiocoap-proxy" --forward --bind 127.0.0.1:$AIO_PROXY; AP=$LAST_PID
     wait_port $AIO_FS; wait_port $AIO_PROXY
-    measure f "load -> aiocoap-proxy -> aiocoap-fileserver" "$AP $FS" "$AP" -- coap://127.0.0.1:$AIO_FS/hello.txt --proxy coap://127.0.0.1:$AIO_PROXY --proxy-scheme --count "$NF" --window "$W"
+    measure f "load -> aiocoap-proxy -> aiocoap-fileserver" "$AP $FS" "$AP" -- coap://127.0.0.1:$AIO_FS/hello.txt --proxy coap://127.0.0.1:$AIO_PROXY --proxy-scheme --count "$NF" --window "$W32"
     stop_all
 
     echo "== (g) load with OSCORE -> aiocoap-fileserver" >&2
     "$VENV/bin/python" "$INTEROP/make_contexts.py" "$TMP/ctx-g" bench=03 --port $AIO_OFS --host 127.0.0.1 >/dev/null
     start ofs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_OFS --credentials "$TMP/ctx-g/server.json"; FS=$LAST_PID
     wait_port $AIO_OFS
-    measure g "load OSCORE -> aiocoap-fileserver" "$FS" "$FS" -- coap://127.0.0.1:$AIO_OFS/hello.txt --credentials "$TMP/ctx-g/bench.json" --count "$NF" --window "$W"
+    measure g "load OSCORE -> aiocoap-fileserver" "$FS" "$FS" -- coap://127.0.0.1:$AIO_OFS/hello.txt --credentials "$TMP/ctx-g/bench.json" --count "$NF" --window "$W32"
     stop_all
 else
     printf 'f\taiocoap-proxy\tskipped: no aiocoap venv at %s\n' "$VENV" >>"$RESULTS"
@@ -214,7 +252,7 @@ fi
 
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "N=$N W=$W (aiocoap scenarios N=$NF; W=1 rows N=$N1); CPU = server-side processes (hop + origin) per 100k requests; RSS = the hop's peak (VmHWM)"
+echo "N=$N W=$W (d@32: W=$W32; aiocoap scenarios N=$NF W=$W32; W=1 rows N=$N1); gateway [coap] nstart=$NSTART except d-n1; release build, RUSTFLAGS='${RUSTFLAGS:-}'; CPU = server-side processes (hop + origin) per 100k requests; RSS = the hop's peak (VmHWM)"
 echo
 python3 - "$RESULTS" <<'PY'
 import sys
@@ -235,9 +273,9 @@ def p50(k):
     try: return float(by[k][5])
     except Exception: return None
 print()
-d, b, f = rate("d"), rate("b"), rate("f")
-if d and b: print(f"(d)/(b) = {d/b:.3f}  (target >= 0.5)")
-if d and f: print(f"(d)/(f) = {d/f:.1f}  (target >= 100)")
+d, b, d32, f = rate("d"), rate("b"), rate("d@32"), rate("f")
+if d and b: print(f"(d)/(b) at W={by['d'][2]} = {d/b:.3f}  (target >= 0.5 at W=64)")
+if d32 and f: print(f"(d@32)/(f) at W={by['f'][2]} = {d32/f:.1f}  (target >= 100 at W=32)")
 if p50("d1") is not None and p50("a1") is not None:
     print(f"added latency at W=1: p50(d) - p50(a) = {p50('d1') - p50('a1'):.1f} µs  (target <= 30)")
 PY

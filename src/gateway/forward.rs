@@ -174,7 +174,9 @@ impl<P: Protection> Leg<'_, P> {
         let (protection, request, target) = (self.protection, self.request, self.target);
         let mut plain = Vec::with_capacity(body.payload.len() + 128);
         let mut wire = Vec::with_capacity(body.payload.len() + 160);
-        let mut out = Vec::with_capacity(1200);
+        // Grows for large responses; a small start keeps the common case out of glibc's
+        // large-request path (see server::client_response).
+        let mut out = Vec::with_capacity(256);
         let mut echo: Option<Vec<u8>> = None;
         loop {
             let mid = 0 /* the link sets this leg's Message ID */;

@@ -20,10 +20,8 @@
 //!
 //! Logs name the client by its credential label and kid, never key material or payloads.
 
-use std::sync::Arc;
-
 use crate::client::transport::{random_bytes, TransportError};
-use crate::client::{resolve, Plain, UdpClient};
+use crate::client::{resolve, Plain};
 use crate::coap::{number, Code, MessageBuilder, MessageType, MessageView};
 use crate::config::Route;
 use crate::oscore::params::HexBytes;
@@ -38,6 +36,7 @@ use super::server_contexts::ServerContext;
 use super::target::{
     build_upstream_request, forwarded_hop_limit, resolve_target, Refusal, Target, TargetKind,
 };
+use super::upstream::UpstreamError;
 use super::{forward, Gateway};
 
 /// For a plain request resolved to route `index`: 4.01 if the route accepts OSCORE only.
@@ -99,6 +98,18 @@ pub(super) fn for_device(
     }
     b.payload(inner.payload);
     Ok(())
+}
+
+fn link_refusal(e: UpstreamError, target: &Target) -> Refusal {
+    let uri = target.uri.matching_uri();
+    if e.is_timeout() {
+        Refusal::new(
+            Code::GATEWAY_TIMEOUT,
+            format!("device {uri} did not answer: {e}"),
+        )
+    } else {
+        Refusal::new(Code::BAD_GATEWAY, format!("device {uri}: {e}"))
+    }
 }
 
 fn upstream_refusal(e: TransportError, target: &Target) -> Refusal {
@@ -342,29 +353,15 @@ impl Gateway {
         let peer = resolve(&target.uri.host, target.uri.effective_port())
             .await
             .map_err(|e| upstream_refusal(e, target))?;
-        let link = {
-            let mut links = sc.links.lock().await;
-            match links.get(&peer) {
-                Some(l) => Arc::clone(l),
-                None => {
-                    let c = UdpClient::connect(peer, crate::client::TransmissionParams::default())
-                        .await
-                        .map_err(|e| upstream_refusal(e, target))?;
-                    let l = Arc::new(tokio::sync::Mutex::new(c));
-                    links.insert(peer, Arc::clone(&l));
-                    l
-                }
-            }
-        };
-        let mut client = link.lock().await;
-        let mid = client.next_message_id();
         let token = random_bytes::<8>();
         let mut out = Vec::with_capacity(request.payload.len() + 64);
-        build_upstream_request(request, &target.uri, hop_limit, None, mid, &token, &mut out)?;
-        let response = client
-            .exchange(&out, mid, &token)
+        // Message ID 0: the link sets this leg's own.
+        build_upstream_request(request, &target.uri, hop_limit, None, 0, &token, &mut out)?;
+        let response = sc
+            .upstream
+            .exchange(peer, out)
             .await
-            .map_err(|e| upstream_refusal(e, target))?;
+            .map_err(|e| link_refusal(e, target))?;
         let ok = MessageView::parse(&response).is_ok_and(|v| v.code.is_response());
         if !ok {
             return Err(Refusal::new(

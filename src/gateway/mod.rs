@@ -100,8 +100,13 @@ impl Gateway {
                 })?),
             };
         let contexts = ContextCache::new();
+        let link_params = upstream::LinkParams {
+            nstart: usize::from(config.upstream.nstart),
+            ack_timeout: config.upstream.ack_timeout,
+            ..upstream::LinkParams::default()
+        };
         let server = match &credentials {
-            Some(map) => ServerContexts::load(map, &contexts)?,
+            Some(map) => ServerContexts::load_with_links(map, &contexts, link_params)?,
             None => ServerContexts::empty(),
         };
         for (index, route) in config.routes.iter().enumerate() {
@@ -125,11 +130,7 @@ impl Gateway {
             credentials,
             contexts,
             server,
-            upstream: upstream::Upstream::new(upstream::LinkParams {
-                nstart: usize::from(config.upstream.nstart),
-                ack_timeout: config.upstream.ack_timeout,
-                ..upstream::LinkParams::default()
-            }),
+            upstream: upstream::Upstream::new(link_params),
             observations: Arc::new(observe::Observations::new(config.max_observe_relations)),
             config,
         })

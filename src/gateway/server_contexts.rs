@@ -15,15 +15,14 @@
 //! lookup (AEAD vs. an immediate 4.01) differs far more and reveals the same fact.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use thiserror::Error;
 
 use super::contexts::{error_chain, ContextCache, ContextError, OscoreProtection};
+use super::upstream::{LinkParams, Upstream};
 use crate::client::transport::random_bytes;
-use crate::client::UdpClient;
 use crate::credentials::{Credential, CredentialsMap};
 use crate::oscore::params::HexBytes;
 use crate::oscore::RequestKid;
@@ -44,11 +43,11 @@ pub struct ServerContext {
     /// The credentials key, e.g. `":client1"` (aiocoap's `authenticated_claims`).
     pub label: String,
     pub protection: Arc<OscoreProtection>,
-    /// Upstream sockets toward devices for this client, one per device address, so that a
-    /// device sees one client endpoint per OSCORE client (block-wise state at the device is
-    /// keyed by the remote address, e.g. aiocoap's `blockwise_key`). Requests of one label
-    /// to one device are sent one at a time.
-    pub(super) links: tokio::sync::Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<UdpClient>>>>,
+    /// The message layer toward devices for this client: its own link (socket, Message
+    /// IDs, NSTART) per device address, so that a device sees one client endpoint per
+    /// OSCORE client (block-wise state at the device is keyed by the remote address, e.g.
+    /// aiocoap's `blockwise_key`). No lock is held while an exchange is in flight.
+    pub(super) upstream: Upstream,
 }
 
 impl std::fmt::Debug for ServerContext {
@@ -102,6 +101,16 @@ impl ServerContexts {
     /// `cache`. As in aiocoap, the first context with a given Recipient ID and ID Context
     /// wins; later duplicates are reported in the log and not used.
     pub fn load(map: &CredentialsMap, cache: &ContextCache) -> Result<Self, ServerContextsError> {
+        Self::load_with_links(map, cache, LinkParams::default())
+    }
+
+    /// `load`, with `params` (the gateway's `[coap]` NSTART and ACK_TIMEOUT) for the links
+    /// toward devices.
+    pub fn load_with_links(
+        map: &CredentialsMap,
+        cache: &ContextCache,
+        params: LinkParams,
+    ) -> Result<Self, ServerContextsError> {
         let mut s = Self::empty();
         for (label, credential) in map.server_labels() {
             let Credential::Oscore(oscore) = credential else {
@@ -140,7 +149,7 @@ impl ServerContexts {
                 Arc::new(ServerContext {
                     label: label.to_string(),
                     protection,
-                    links: Default::default(),
+                    upstream: Upstream::new(params),
                 }),
             );
         }
