@@ -36,8 +36,7 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &Path, port: u16, config: &str) -> Gateway {
-        let path = dir.join(format!("proxy-{port}.toml"));
-        fs::write(&path, config).unwrap();
+        let path = write_gateway_config(dir, port, config);
         let mut g = Gateway {
             child: None,
             port,
@@ -49,24 +48,7 @@ impl Gateway {
     }
 
     fn launch(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oscore-gateway"));
-        cmd.current_dir(&self.dir)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--coap-bind")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .env("OSCORE_GATEWAY_LOG", "info");
-        let mut child = ChildGuard::spawn(cmd);
-        let ready = wait_until(Duration::from_secs(20), || {
-            String::from_utf8_lossy(&child.stderr_so_far()).contains("listening on")
-                || !child.is_running()
-        });
-        assert!(
-            ready && child.is_running(),
-            "gateway did not start:\n{}",
-            String::from_utf8_lossy(&child.stderr_so_far())
-        );
+        let child = spawn_gateway_with_config(&self.dir, &self.config, self.port);
         self.child = Some(child);
     }
 
@@ -75,10 +57,7 @@ impl Gateway {
     }
 
     fn log(&self) -> String {
-        self.child
-            .as_ref()
-            .map(|c| String::from_utf8_lossy(&c.stderr_so_far()).into_owned())
-            .unwrap_or_default()
+        gateway_log(&self.child)
     }
 
     /// SIGKILL (no clean shutdown: the replay window stays "unknown" on disk).

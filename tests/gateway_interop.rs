@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,30 +25,13 @@ struct Gateway {
 impl Gateway {
     fn start(dir: &Path, config: &str) -> Gateway {
         let port = free_udp_port();
-        let path = dir.join(format!("proxy-{port}.toml"));
-        fs::write(&path, config).unwrap();
+        let path = write_gateway_config(dir, port, config);
         Self::start_with(dir, &["--config".as_ref(), path.as_os_str()], port)
     }
 
     /// Runs with `args` plus `--coap-bind 127.0.0.1:port`; waits until it is listening.
     fn start_with(dir: &Path, args: &[&OsStr], port: u16) -> Gateway {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oscore-gateway"));
-        cmd.current_dir(dir)
-            .arg("run")
-            .args(args)
-            .arg("--coap-bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .env("OSCORE_GATEWAY_LOG", "info");
-        let mut child = ChildGuard::spawn(cmd);
-        let ready = wait_until(Duration::from_secs(20), || {
-            String::from_utf8_lossy(&child.stderr_so_far()).contains("listening on")
-                || !child.is_running()
-        });
-        assert!(
-            ready && child.is_running(),
-            "gateway did not start:\n{}",
-            String::from_utf8_lossy(&child.stderr_so_far())
-        );
+        let child = spawn_gateway(dir, args, port);
         Gateway {
             child: Some(child),
             port,

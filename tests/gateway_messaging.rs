@@ -33,26 +33,8 @@ impl Gateway {
     }
 
     fn start_on(dir: &Path, config: &str, port: u16) -> Gateway {
-        let path = dir.join(format!("proxy-{port}.toml"));
-        fs::write(&path, config).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oscore-gateway"));
-        cmd.current_dir(dir)
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
-            .arg("--coap-bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .env("OSCORE_GATEWAY_LOG", "info");
-        let mut child = ChildGuard::spawn(cmd);
-        let ready = wait_until(Duration::from_secs(20), || {
-            String::from_utf8_lossy(&child.stderr_so_far()).contains("listening on")
-                || !child.is_running()
-        });
-        assert!(
-            ready && child.is_running(),
-            "gateway did not start:\n{}",
-            String::from_utf8_lossy(&child.stderr_so_far())
-        );
+        let path = write_gateway_config(dir, port, config);
+        let child = spawn_gateway_with_config(dir, &path, port);
         Gateway {
             child: Some(child),
             port,
@@ -64,10 +46,7 @@ impl Gateway {
     }
 
     fn log(&self) -> String {
-        self.child
-            .as_ref()
-            .map(|c| String::from_utf8_lossy(&c.stderr_so_far()).into_owned())
-            .unwrap_or_default()
+        gateway_log(&self.child)
     }
 }
 

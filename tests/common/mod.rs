@@ -12,12 +12,15 @@
 #![allow(dead_code)]
 
 mod aiocoap;
+mod gateway;
 mod process;
 mod wire;
 
 // not every test binary uses every part
 #[allow(unused_imports)]
 pub use aiocoap::*;
+#[allow(unused_imports)]
+pub use gateway::*;
 #[allow(unused_imports)]
 pub use process::*;
 #[allow(unused_imports)]
