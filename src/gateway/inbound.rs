@@ -37,7 +37,7 @@ use super::target::{
     build_upstream_request, forwarded_hop_limit, resolve_target, Refusal, Target, TargetKind,
 };
 use super::upstream::UpstreamError;
-use super::{forward, Gateway};
+use super::Gateway;
 
 /// For a plain request resolved to route `index`: 4.01 if the route accepts OSCORE only.
 pub fn refuse_plain(route: &Route, index: usize) -> Result<(), Refusal> {
@@ -143,26 +143,9 @@ impl Gateway {
                 "pass-through: OSCORE request (kid {}) for a context we do not hold, forwarded untouched to {uri}",
                 kid.as_ref().map_or("(none)".to_string(), |k| HexBytes(k.kid).to_string())
             );
-            let timeout = self.config.policy.upstream_timeout;
-            return tokio::time::timeout(
-                timeout,
-                forward::forward(
-                    &Plain,
-                    request,
-                    &target,
-                    hop_limit,
-                    &self.upstream,
-                    &self.config.blockwise,
-                    &self.tags,
-                ),
-            )
-            .await
-            .map_err(|_| {
-                Refusal::new(
-                    Code::GATEWAY_TIMEOUT,
-                    format!("origin {uri} did not answer within {timeout:?}"),
-                )
-            })?;
+            return self
+                .forward_bounded(&Plain, request, &target, hop_limit)
+                .await;
         }
         match kid {
             Ok(k) => {
@@ -294,20 +277,9 @@ impl Gateway {
                     format!("OSCORE context for {uri} cannot be used: {e}"),
                 )
             })?;
-            return tokio::time::timeout(
-                timeout,
-                forward::forward(
-                    &*protection,
-                    &request,
-                    &target,
-                    hop_limit,
-                    &self.upstream,
-                    &self.config.blockwise,
-                    &self.tags,
-                ),
-            )
-            .await
-            .map_err(|_| timed_out())?;
+            return self
+                .forward_bounded(&*protection, &request, &target, hop_limit)
+                .await;
         }
         tokio::time::timeout(
             timeout,

@@ -235,6 +235,41 @@ impl Gateway {
         Some(self.observations.register(reg, client).await)
     }
 
+    /// `forward::forward` over the shared upstream links, bounded by
+    /// `policy.upstream_timeout`: when it runs out the client gets 5.04 Gateway Timeout
+    /// with a diagnostic (RFC 7252 §5.9.3.5).
+    pub(crate) async fn forward_bounded<P: crate::client::Protection>(
+        &self,
+        protection: &P,
+        request: &MessageView<'_>,
+        target: &Target,
+        hop_limit: u8,
+    ) -> Result<Vec<u8>, Refusal> {
+        let timeout = self.config.policy.upstream_timeout;
+        tokio::time::timeout(
+            timeout,
+            forward::forward(
+                protection,
+                request,
+                target,
+                hop_limit,
+                &self.upstream,
+                &self.config.blockwise,
+                &self.tags,
+            ),
+        )
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                Code::GATEWAY_TIMEOUT,
+                format!(
+                    "origin {} did not answer within {timeout:?}",
+                    target.uri.matching_uri()
+                ),
+            )
+        })?
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -324,13 +359,6 @@ impl Gateway {
                 )
             })?,
         };
-        let timeout = self.config.policy.upstream_timeout;
-        let timed_out = || {
-            Refusal::new(
-                Code::GATEWAY_TIMEOUT,
-                format!("origin {uri} did not answer within {timeout:?}"),
-            )
-        };
         match credential {
             Some((entry, cred)) => {
                 let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
@@ -340,35 +368,13 @@ impl Gateway {
                         format!("OSCORE context for {uri} cannot be used: {e}"),
                     )
                 })?;
-                tokio::time::timeout(
-                    timeout,
-                    forward::forward(
-                        &*protection,
-                        request,
-                        &target,
-                        hop_limit,
-                        &self.upstream,
-                        &self.config.blockwise,
-                        &self.tags,
-                    ),
-                )
-                .await
-                .map_err(|_| timed_out())?
+                self.forward_bounded(&*protection, request, &target, hop_limit)
+                    .await
             }
-            None if self.config.policy.plain_forwarding => tokio::time::timeout(
-                timeout,
-                forward::forward(
-                    &Plain,
-                    request,
-                    &target,
-                    hop_limit,
-                    &self.upstream,
-                    &self.config.blockwise,
-                    &self.tags,
-                ),
-            )
-            .await
-            .map_err(|_| timed_out())?,
+            None if self.config.policy.plain_forwarding => {
+                self.forward_bounded(&Plain, request, &target, hop_limit)
+                    .await
+            }
             None => Err(Refusal::new(
                 Code::PROXYING_NOT_SUPPORTED,
                 format!(
