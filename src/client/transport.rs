@@ -21,6 +21,7 @@ pub struct TransmissionParams {
     pub separate_response_timeout: Duration,
 }
 
+/// RFC 7252 §4.8 defaults: ACK_TIMEOUT 2 s, ACK_RANDOM_FACTOR 1.5, MAX_RETRANSMIT 4.
 impl Default for TransmissionParams {
     fn default() -> Self {
         Self {

@@ -41,12 +41,15 @@ pub struct LinkParams {
 }
 
 impl Default for LinkParams {
+    /// RFC 7252 §4.8's transmission parameters (the same set the client uses) and
+    /// §4.7's NSTART of 1.
     fn default() -> Self {
+        let t = crate::client::TransmissionParams::default();
         Self {
-            ack_timeout: Duration::from_secs(2),
-            ack_random_factor: 1.5,
-            max_retransmit: 4,
-            separate_response_timeout: Duration::from_secs(60),
+            ack_timeout: t.ack_timeout,
+            ack_random_factor: t.ack_random_factor,
+            max_retransmit: t.max_retransmit,
+            separate_response_timeout: t.separate_response_timeout,
             nstart: 1,
             max_active: 1024,
             max_queued: 1024,
