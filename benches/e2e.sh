@@ -31,6 +31,7 @@
 # Usage: benches/e2e.sh            (from the project root; builds the release binary)
 # Env:   N=20000 W=64 W32=32 NSTART=64 NF=300 (aiocoap scenarios) N1=2000 (W=1 runs) PORT_BASE=47300
 #        SKIP_BUILD=1  VENV=/work/main/target/interop/venv  INTEROP=/work/shared/interop
+#        ROWS="b d d@32 d1 a1"  (only these rows; default: all)
 set -euo pipefail
 
 N=${N:-20000}
@@ -41,6 +42,8 @@ NF=${NF:-300}
 N1=${N1:-2000}
 PORT_BASE=${PORT_BASE:-47300}
 LIMIT=${LIMIT:-60}
+ROWS=${ROWS:-}
+BUSY_POLL_US=${BUSY_POLL_US:-0}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/target/interop/venv}
 [ -x "$VENV/bin/python" ] || VENV=/work/main/target/interop/venv
@@ -115,6 +118,7 @@ RESULTS=$TMP/results.tsv
 # measure ID LABEL "SERVER_PIDS" HOP_PID -- LOAD_ARGS...
 measure() {
     local id=$1 label=$2 servers=$3 hop=$4; shift 5
+    if [ -n "$ROWS" ] && [[ " $ROWS " != *" $id "* ]]; then return 0; fi
     local before=0 after=0 p json
     for p in $servers; do before=$((before + $(ticks "$p"))); done
     json=$("$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
@@ -160,6 +164,7 @@ cat >"$TMP/plain.toml" <<TOML
 [coap]
 bind = ["127.0.0.1:$GW"]
 nstart = $NSTART
+busy_poll_us = $BUSY_POLL_US
 [policy]
 plain_forwarding = true
 TOML
@@ -187,6 +192,7 @@ oscore_toml() { # oscore_toml NSTART
 [coap]
 bind = ["127.0.0.1:$GW"]
 nstart = $1
+busy_poll_us = $BUSY_POLL_US
 [policy]
 plain_forwarding = false
 TOML
@@ -218,6 +224,7 @@ cat >"$TMP/inbound.toml" <<TOML
 [coap]
 bind = ["127.0.0.1:$GW"]
 nstart = $NSTART
+busy_poll_us = $BUSY_POLL_US
 [policy]
 plain_forwarding = false
 [[route]]

@@ -14,6 +14,7 @@
 //! The UDP side (message layer toward clients, deduplication) is in `server`.
 
 pub mod blockwise;
+pub mod busy_poll;
 pub mod contexts;
 pub mod dedup;
 pub mod forward;
@@ -84,6 +85,8 @@ pub struct Gateway {
     upstream: upstream::Upstream,
     /// Observations relayed from OSCORE origins to plain clients (`observe`).
     observations: Arc<observe::Observations>,
+    /// Datagram activity for the busy-poll spinner (None: `coap.busy_poll_us` = 0).
+    activity: Option<Arc<busy_poll::Activity>>,
 }
 
 impl Gateway {
@@ -124,16 +127,23 @@ impl Gateway {
         }
         let uploads = Mutex::new(Block1Reassembly::new(config.blockwise));
         let start = u32::from_be_bytes(crate::client::transport::random_bytes::<4>());
+        let activity = (!config.busy_poll.is_zero()).then(busy_poll::Activity::new);
         Ok(Self {
             uploads,
             tags: RequestTags::new(start),
             credentials,
             contexts,
             server,
-            upstream: upstream::Upstream::new(link_params),
+            upstream: upstream::Upstream::new(link_params).with_activity(activity.clone()),
+            activity,
             observations: Arc::new(observe::Observations::new(config.max_observe_relations)),
             config,
         })
+    }
+
+    /// Datagram activity for busy polling (`coap.busy_poll_us`), when it is on.
+    pub fn activity(&self) -> Option<&Arc<busy_poll::Activity>> {
+        self.activity.as_ref()
     }
 
     /// The relayed observations (the server reports clients' Resets and shuts them down).

@@ -68,6 +68,9 @@ pub async fn run(gateway: Gateway, listeners: Listeners, shutdown: impl Future<O
     // Every request task holds a clone; when all are dropped, `recv` returns None.
     let (inflight_tx, mut inflight_rx) = mpsc::channel::<()>(1);
     let mut loops = Vec::new();
+    let spinner = gateway
+        .activity()
+        .map(|a| tokio::spawn(Arc::clone(a).spin(gateway.config().busy_poll)));
     for socket in listeners.sockets {
         loops.push(tokio::spawn(serve(
             Arc::clone(&gateway),
@@ -82,6 +85,9 @@ pub async fn run(gateway: Gateway, listeners: Listeners, shutdown: impl Future<O
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
+    }
+    if let Some(s) = spinner {
+        s.abort();
     }
     if tokio::time::timeout(SHUTDOWN_GRACE, inflight_rx.recv())
         .await
@@ -110,7 +116,12 @@ async fn serve(
         let (n, peer) = tokio::select! {
             _ = stop.changed() => return,
             r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    if let Some(a) = gateway.activity() {
+                        a.touch();
+                    }
+                    x
+                }
                 Err(e) => {
                     // e.g. ICMP errors surfacing on the socket: not fatal for a server
                     tracing::debug!("recv on {:?}: {e}", socket.local_addr());
@@ -158,7 +169,7 @@ async fn serve(
         let pending = Arc::clone(&pending);
         let next_mid = Arc::clone(&next_mid);
         let guard = inflight.clone();
-        tokio::spawn(async move {
+        let fut = async move {
             let _guard = guard;
             let Ok(request) = MessageView::parse(&datagram) else {
                 return;
@@ -210,7 +221,8 @@ async fn serve(
                 }
                 lock(&dedup).answered(peer, request.message_id, out);
             }
-        });
+        };
+        tokio::spawn(fut);
     }
 }
 

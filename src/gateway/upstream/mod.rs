@@ -21,6 +21,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::busy_poll::Activity;
 use crate::client::transport::random_bytes;
 pub use link::{Event, LinkError, LinkParams, OriginLink};
 
@@ -71,6 +72,8 @@ type Links = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Submit>>>>;
 pub struct Upstream {
     params: LinkParams,
     links: Links,
+    /// Told of every datagram from an origin (busy polling, `super::busy_poll`).
+    activity: Option<Arc<Activity>>,
 }
 
 impl Upstream {
@@ -78,7 +81,14 @@ impl Upstream {
         Self {
             params,
             links: Arc::default(),
+            activity: None,
         }
+    }
+
+    /// Reports datagrams from origins to `activity` (busy polling).
+    pub fn with_activity(mut self, activity: Option<Arc<Activity>>) -> Self {
+        self.activity = activity;
+        self
     }
 
     pub fn params(&self) -> LinkParams {
@@ -153,6 +163,7 @@ impl Upstream {
             rx,
             Arc::clone(&self.links),
             tx.downgrade(),
+            self.activity.clone(),
         ));
         Ok(tx)
     }
@@ -175,6 +186,7 @@ async fn drive(
     mut rx: mpsc::Receiver<Submit>,
     links: Links,
     me: mpsc::WeakSender<Submit>,
+    activity: Option<Arc<Activity>>,
 ) {
     let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<Vec<u8>, UpstreamError>>> =
         HashMap::new();
@@ -201,7 +213,12 @@ async fn drive(
                 }
             }
             r = socket.recv(&mut buf) => match r {
-                Ok(n) => link.handle_datagram(Instant::now().into_std(), &buf[..n]),
+                Ok(n) => {
+                    if let Some(a) = &activity {
+                        a.touch();
+                    }
+                    link.handle_datagram(Instant::now().into_std(), &buf[..n]);
+                }
                 // ICMP port unreachable (ECONNREFUSED on a connected socket) and the like:
                 // treat as loss, retransmission goes on.
                 Err(e) => tracing::debug!("recv from {peer}: {e}"),
