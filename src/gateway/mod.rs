@@ -349,8 +349,9 @@ impl Gateway {
     /// own error response.
     pub async fn handle_request(&self, request: &MessageView<'_>) -> Result<Vec<u8>, Refusal> {
         if request.has_option(number::OSCORE) {
-            // Inbound, pass-through or 4.01 (issue 4): see `inbound`.
-            return self.handle_protected(request).await;
+            // Inbound, pass-through or 4.01 (issue 4): see `inbound`. Boxed, so that its
+            // state does not enlarge every outbound request's future (see server.rs).
+            return Box::pin(self.handle_protected(request)).await;
         }
         let hop_limit = target::forwarded_hop_limit(request, self.config.policy.hop_limit)?;
         let target = target::resolve_target(request, &self.config.routes)?;

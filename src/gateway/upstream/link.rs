@@ -121,6 +121,8 @@ pub struct OriginLink {
     queue: VecDeque<Queued>,
     recent_acked: VecDeque<(u16, Instant)>,
     events: VecDeque<Event>,
+    /// Exchanges in `active` that are `AwaitingAck` (counted, not scanned, per event).
+    outstanding: usize,
 }
 
 impl OriginLink {
@@ -134,7 +136,12 @@ impl OriginLink {
             queue: VecDeque::new(),
             recent_acked: VecDeque::new(),
             events: VecDeque::new(),
+            outstanding: 0,
         }
+    }
+
+    pub fn params(&self) -> LinkParams {
+        self.params
     }
 
     /// Exchanges in flight plus queued.
@@ -148,10 +155,24 @@ impl OriginLink {
 
     /// Outstanding interactions (§4.7): CONs neither acknowledged nor answered.
     pub fn outstanding(&self) -> usize {
-        self.active
-            .values()
-            .filter(|e| matches!(e.state, State::AwaitingAck { .. }))
-            .count()
+        debug_assert_eq!(
+            self.outstanding,
+            self.active
+                .values()
+                .filter(|e| matches!(e.state, State::AwaitingAck { .. }))
+                .count()
+        );
+        self.outstanding
+    }
+
+    /// Removes the exchange with `token` from `active` (and its Message ID).
+    fn remove_active(&mut self, token: &[u8]) {
+        if let Some(e) = self.active.remove(token) {
+            self.by_mid.remove(&e.mid);
+            if matches!(e.state, State::AwaitingAck { .. }) {
+                self.outstanding -= 1;
+            }
+        }
     }
 
     /// Sends the CON request `datagram` (its Message ID is replaced by one of this leg; its
@@ -187,9 +208,7 @@ impl OriginLink {
     /// Forgets the exchange with `token` (its requester gave up); frees its NSTART slot.
     pub fn cancel(&mut self, now: Instant, token: &[u8]) {
         self.queue.retain(|q| q.token != token);
-        if let Some(e) = self.active.remove(token) {
-            self.by_mid.remove(&e.mid);
-        }
+        self.remove_active(token);
         self.start_queued(now);
     }
 
@@ -212,6 +231,7 @@ impl OriginLink {
                 .mul_f64(1.0 + q.random.clamp(0.0, 1.0) * (self.params.ack_random_factor - 1.0));
             self.events.push_back(Event::Transmit(datagram.clone()));
             self.by_mid.insert(mid, q.token.clone());
+            self.outstanding += 1;
             self.active.insert(
                 q.token,
                 Exchange {
@@ -239,9 +259,7 @@ impl OriginLink {
     }
 
     fn finish(&mut self, now: Instant, token: &[u8], event: Event) {
-        if let Some(e) = self.active.remove(token) {
-            self.by_mid.remove(&e.mid);
-        }
+        self.remove_active(token);
         self.events.push_back(event);
         self.start_queued(now);
     }
@@ -275,6 +293,7 @@ impl OriginLink {
                             e.state = State::AwaitingSeparate {
                                 deadline: now + self.params.separate_response_timeout,
                             };
+                            self.outstanding -= 1;
                         }
                     }
                     self.start_queued(now);

@@ -63,7 +63,15 @@ impl UpstreamError {
 
 struct Submit {
     datagram: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<u8>, UpstreamError>>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// A link task's answer to a `Submit`.
+enum Reply {
+    Done(Result<Vec<u8>, UpstreamError>),
+    /// The link closed (idle) before taking the request: here it is back, to send on a
+    /// new link (no copy of every request is kept for this rare case).
+    Closed(Vec<u8>),
 }
 
 type Links = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Submit>>>>;
@@ -104,19 +112,20 @@ impl Upstream {
         datagram: Vec<u8>,
     ) -> Result<Vec<u8>, UpstreamError> {
         // A link that closed for idleness between lookup and send: open a new one, once.
+        let mut datagram = datagram;
         for _ in 0..2 {
             let tx = self.link(peer).await?;
             let (reply, rx) = oneshot::channel();
-            let submit = Submit {
-                datagram: datagram.clone(),
-                reply,
-            };
-            if tx.send(submit).await.is_err() {
+            if let Err(mpsc::error::SendError(back)) = tx.send(Submit { datagram, reply }).await {
+                datagram = back.datagram;
                 continue;
             }
             match rx.await {
-                Ok(Err(UpstreamError::Closed { .. })) | Err(_) => continue,
-                Ok(r) => return r,
+                Ok(Reply::Done(r)) => return r,
+                Ok(Reply::Closed(back)) => datagram = back,
+                // the link task ended without answering (it cannot while it holds the
+                // request; only if it panicked)
+                Err(_) => break,
             }
         }
         Err(UpstreamError::Closed { peer })
@@ -188,15 +197,20 @@ async fn drive(
     me: mpsc::WeakSender<Submit>,
     activity: Option<Arc<Activity>>,
 ) {
-    let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<Vec<u8>, UpstreamError>>> =
-        HashMap::new();
+    let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Reply>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     let mut idle_since = Instant::now();
+    // One timer for the link, armed lazily (re-arming a timer per datagram was a timer
+    // wheel insertion and removal each time): `armed` is never later than the link's
+    // next deadline. Every deadline the link sets is at least `lead` after the moment it
+    // is set, so after each event it suffices to pull `armed` in to now + lead when it is
+    // further away; when it fires, it is set to the link's true next deadline.
+    let params = link.params();
+    let lead = params.ack_timeout.min(params.separate_response_timeout);
+    let mut armed = idle_since + IDLE_CLOSE;
+    let sleep = tokio::time::sleep_until(armed);
+    tokio::pin!(sleep);
     loop {
-        let wake = link
-            .poll_timeout()
-            .map(Instant::from_std)
-            .unwrap_or(idle_since + IDLE_CLOSE);
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(Submit { datagram, reply }) = cmd else { break };
@@ -208,7 +222,7 @@ async fn drive(
                         waiting.insert(token, reply);
                     }
                     Err(source) => {
-                        let _ = reply.send(Err(UpstreamError::Link { peer, source }));
+                        let _ = reply.send(Reply::Done(Err(UpstreamError::Link { peer, source })));
                     }
                 }
             }
@@ -223,7 +237,7 @@ async fn drive(
                 // treat as loss, retransmission goes on.
                 Err(e) => tracing::debug!("recv from {peer}: {e}"),
             },
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut sleep => {
                 let now = Instant::now().into_std();
                 // requesters that gave up (e.g. the gateway's upstream timeout)
                 let gone: Vec<Vec<u8>> = waiting
@@ -239,6 +253,11 @@ async fn drive(
                 if link.is_empty() && Instant::now() >= idle_since + IDLE_CLOSE {
                     break;
                 }
+                armed = link
+                    .poll_timeout()
+                    .map(Instant::from_std)
+                    .unwrap_or(idle_since + IDLE_CLOSE);
+                sleep.as_mut().reset(armed);
             }
         }
         while let Some(ev) = link.poll_event() {
@@ -250,21 +269,26 @@ async fn drive(
                 }
                 Event::Response { token, datagram } => {
                     if let Some(tx) = waiting.remove(&token) {
-                        let _ = tx.send(Ok(datagram));
+                        let _ = tx.send(Reply::Done(Ok(datagram)));
                     }
                 }
                 Event::Failed { token, error } => {
                     if let Some(tx) = waiting.remove(&token) {
-                        let _ = tx.send(Err(UpstreamError::Link {
+                        let _ = tx.send(Reply::Done(Err(UpstreamError::Link {
                             peer,
                             source: error,
-                        }));
+                        })));
                     }
                 }
             }
         }
         if !link.is_empty() {
-            idle_since = Instant::now();
+            let now = Instant::now();
+            idle_since = now;
+            if armed > now + lead {
+                armed = now + lead;
+                sleep.as_mut().reset(armed);
+            }
         }
     }
     // Closing: no new requests reach this task; those already sent are told to retry.
@@ -278,7 +302,7 @@ async fn drive(
         }
     }
     rx.close();
-    while let Ok(Submit { reply, .. }) = rx.try_recv() {
-        let _ = reply.send(Err(UpstreamError::Closed { peer }));
+    while let Ok(Submit { datagram, reply }) = rx.try_recv() {
+        let _ = reply.send(Reply::Closed(datagram));
     }
 }
