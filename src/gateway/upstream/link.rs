@@ -11,12 +11,13 @@
 //! Bounded: at most `max_active` exchanges in flight, `max_queued` waiting for an NSTART
 //! slot, and `RECENT_ACKED` remembered CON responses (to ACK their retransmissions again).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::coap::{Code, MessageBuilder, MessageType, MessageView};
+use crate::gateway::FastMap;
 
 /// CON responses whose Message ID is remembered, so that a retransmission (our ACK was lost)
 /// is acknowledged again instead of reset (§4.5).
@@ -116,8 +117,8 @@ struct Queued {
 pub struct OriginLink {
     params: LinkParams,
     next_mid: u16,
-    active: HashMap<Vec<u8>, Exchange>,
-    by_mid: HashMap<u16, Vec<u8>>,
+    active: FastMap<Vec<u8>, Exchange>,
+    by_mid: FastMap<u16, Vec<u8>>,
     queue: VecDeque<Queued>,
     recent_acked: VecDeque<(u16, Instant)>,
     events: VecDeque<Event>,
@@ -131,8 +132,8 @@ impl OriginLink {
         Self {
             params,
             next_mid: first_mid,
-            active: HashMap::new(),
-            by_mid: HashMap::new(),
+            active: FastMap::default(),
+            by_mid: FastMap::default(),
             queue: VecDeque::new(),
             recent_acked: VecDeque::new(),
             events: VecDeque::new(),

@@ -11,7 +11,6 @@
 
 pub mod link;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::busy_poll::Activity;
+use super::FastMap;
 use crate::client::transport::random_bytes;
 pub use link::{Event, LinkError, LinkParams, OriginLink};
 
@@ -74,7 +74,7 @@ enum Reply {
     Closed(Vec<u8>),
 }
 
-type Links = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Submit>>>>;
+type Links = Arc<Mutex<FastMap<SocketAddr, mpsc::Sender<Submit>>>>;
 
 /// The links to every origin this gateway talks to.
 pub struct Upstream {
@@ -197,7 +197,7 @@ async fn drive(
     me: mpsc::WeakSender<Submit>,
     activity: Option<Arc<Activity>>,
 ) {
-    let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Reply>> = HashMap::new();
+    let mut waiting: FastMap<Vec<u8>, oneshot::Sender<Reply>> = FastMap::default();
     let mut buf = vec![0u8; 65536];
     let mut idle_since = Instant::now();
     // One timer for the link, armed lazily (re-arming a timer per datagram was a timer
