@@ -22,6 +22,7 @@ pub mod inbound;
 mod inbound_observe;
 pub mod observe;
 pub mod passthrough;
+pub mod recv_batch;
 pub mod reply;
 pub mod server;
 pub mod server_contexts;

@@ -13,17 +13,23 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
+use super::recv_batch::RecvBatch;
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
 use super::target::Refusal;
 use super::{Gateway, GatewayError};
 use crate::client::transport::random_bytes;
 use crate::coap::{Code, MessageType, MessageView};
 
+/// Datagrams taken from a listener per recvmmsg call, at most.
+const RECV_BATCH: usize = 32;
 /// Requests remembered for deduplication per listener.
 pub const DEDUP_CAPACITY: usize = 16384;
 /// How long in-flight requests may take to finish at shutdown.
@@ -111,16 +117,18 @@ async fn serve(
     let dedup = Arc::new(Mutex::new(Dedup::new(DEDUP_CAPACITY, EXCHANGE_LIFETIME)));
     let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
     let pending: Pending = Arc::default();
-    let mut buf = vec![0u8; 65536];
+    // Every datagram waiting is taken in one recvmmsg (`recv_batch`).
+    let mut batch = RecvBatch::new(RECV_BATCH);
+    let fd = socket.as_raw_fd();
     loop {
-        let (n, peer) = tokio::select! {
+        let received = tokio::select! {
             _ = stop.changed() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => {
+            r = socket.async_io(Interest::READABLE, || batch.recv(fd)) => match r {
+                Ok(n) => {
                     if let Some(a) = gateway.activity() {
                         a.touch();
                     }
-                    x
+                    n
                 }
                 Err(e) => {
                     // e.g. ICMP errors surfacing on the socket: not fatal for a server
@@ -129,103 +137,108 @@ async fn serve(
                 }
             },
         };
-        let datagram = buf[..n].to_vec();
-        let Ok(msg) = MessageView::parse(&datagram) else {
-            continue; // RFC 7252 §4.2/4.3: silently ignore malformed messages
-        };
-        match msg.mtype {
-            MessageType::Confirmable | MessageType::NonConfirmable if msg.code.is_request() => {}
-            MessageType::Confirmable => {
-                // An Empty CON ("ping", §4.3) or a response we never asked for: Reset.
-                let mut out = Vec::with_capacity(4);
-                reset(msg.message_id, &mut out);
-                let _ = socket.send_to(&out, peer).await;
-                continue;
-            }
-            MessageType::Acknowledgement | MessageType::Reset => {
-                // The client's answer to a separate response.
-                if let Some(done) = lock(&pending).remove(&(peer, msg.message_id)) {
-                    let _ = done.send(());
-                } else if msg.mtype == MessageType::Reset {
-                    // RFC 7641 §3.6: the client rejects a relayed notification.
-                    gateway.observations().client_reset(peer, msg.message_id);
+        for i in 0..received {
+            let (data, peer) = batch.get(i);
+            let Some(peer) = peer else { continue };
+            let datagram = data.to_vec();
+            let Ok(msg) = MessageView::parse(&datagram) else {
+                continue; // RFC 7252 §4.2/4.3: silently ignore malformed messages
+            };
+            match msg.mtype {
+                MessageType::Confirmable | MessageType::NonConfirmable if msg.code.is_request() => {
                 }
-                continue;
-            }
-            _ => continue, // a NON that is not a request: nothing to do
-        }
-        let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
-        match seen {
-            Seen::New => {}
-            Seen::InFlight => continue,
-            Seen::Answered(response) => {
-                let _ = socket.send_to(&response, peer).await;
-                continue;
-            }
-        }
-        let gateway = Arc::clone(&gateway);
-        let socket = Arc::clone(&socket);
-        let dedup = Arc::clone(&dedup);
-        let pending = Arc::clone(&pending);
-        let next_mid = Arc::clone(&next_mid);
-        let guard = inflight.clone();
-        let fut = async move {
-            let _guard = guard;
-            let Ok(request) = MessageView::parse(&datagram) else {
-                return;
-            };
-            let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
-            let mut to = ReplyTo::for_request(&request, fresh_mid);
-            let observing = request.has_option(crate::coap::number::OBSERVE);
-            let client = super::observe::ClientLink {
-                socket: Arc::clone(&socket),
-                peer,
-                next_mid: Arc::clone(&next_mid),
-            };
-            let work = async {
-                if observing {
-                    // Boxed: the Observe path's state is large and rare; inline it would
-                    // make every request's task (allocated and moved per request) ~2 KiB
-                    // bigger (4.4 KiB in all).
-                    Box::pin(gateway.handle_observe_request(&request, &datagram, client)).await
-                } else {
-                    gateway.handle_request_from(peer, &request).await
+                MessageType::Confirmable => {
+                    // An Empty CON ("ping", §4.3) or a response we never asked for: Reset.
+                    let mut out = Vec::with_capacity(4);
+                    reset(msg.message_id, &mut out);
+                    let _ = socket.send_to(&out, peer).await;
+                    continue;
                 }
-            };
-            tokio::pin!(work);
-            let mut separate = false;
-            let result = if request.mtype == MessageType::Confirmable {
-                tokio::select! {
-                    r = &mut work => r,
-                    _ = tokio::time::sleep(SEPARATE_AFTER) => {
-                        // §5.2.2: empty ACK now; retransmissions of the CON get it again.
-                        let mut ack = Vec::with_capacity(4);
-                        empty_ack(request.message_id, &mut ack);
-                        let _ = socket.send_to(&ack, peer).await;
-                        lock(&dedup).answered(peer, request.message_id, ack);
-                        separate = true;
-                        work.await
+                MessageType::Acknowledgement | MessageType::Reset => {
+                    // The client's answer to a separate response.
+                    if let Some(done) = lock(&pending).remove(&(peer, msg.message_id)) {
+                        let _ = done.send(());
+                    } else if msg.mtype == MessageType::Reset {
+                        // RFC 7641 §3.6: the client rejects a relayed notification.
+                        gateway.observations().client_reset(peer, msg.message_id);
                     }
+                    continue;
                 }
-            } else {
-                work.await
+                _ => continue, // a NON that is not a request: nothing to do
+            }
+            let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
+            match seen {
+                Seen::New => {}
+                Seen::InFlight => continue,
+                Seen::Answered(response) => {
+                    let _ = socket.send_to(&response, peer).await;
+                    continue;
+                }
+            }
+            let gateway = Arc::clone(&gateway);
+            let socket = Arc::clone(&socket);
+            let dedup = Arc::clone(&dedup);
+            let pending = Arc::clone(&pending);
+            let next_mid = Arc::clone(&next_mid);
+            let guard = inflight.clone();
+            let fut = async move {
+                let _guard = guard;
+                let Ok(request) = MessageView::parse(&datagram) else {
+                    return;
+                };
+                let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
+                let mut to = ReplyTo::for_request(&request, fresh_mid);
+                let observing = request.has_option(crate::coap::number::OBSERVE);
+                let client = super::observe::ClientLink {
+                    socket: Arc::clone(&socket),
+                    peer,
+                    next_mid: Arc::clone(&next_mid),
+                };
+                let work = async {
+                    if observing {
+                        // Boxed: the Observe path's state is large and rare; inline it would
+                        // make every request's task (allocated and moved per request) ~2 KiB
+                        // bigger (4.4 KiB in all).
+                        Box::pin(gateway.handle_observe_request(&request, &datagram, client)).await
+                    } else {
+                        gateway.handle_request_from(peer, &request).await
+                    }
+                };
+                tokio::pin!(work);
+                let mut separate = false;
+                let result = if request.mtype == MessageType::Confirmable {
+                    tokio::select! {
+                        r = &mut work => r,
+                        _ = tokio::time::sleep(SEPARATE_AFTER) => {
+                            // §5.2.2: empty ACK now; retransmissions of the CON get it again.
+                            let mut ack = Vec::with_capacity(4);
+                            empty_ack(request.message_id, &mut ack);
+                            let _ = socket.send_to(&ack, peer).await;
+                            lock(&dedup).answered(peer, request.message_id, ack);
+                            separate = true;
+                            work.await
+                        }
+                    }
+                } else {
+                    work.await
+                };
+                if separate {
+                    to.mtype = MessageType::Confirmable;
+                }
+                let out = client_response(&result, to, peer);
+                if separate {
+                    send_confirmable(&socket, peer, fresh_mid, &out, &pending).await;
+                } else {
+                    if let Err(e) = socket.send_to(&out, peer).await {
+                        tracing::debug!("send to {peer}: {e}");
+                    }
+                    lock(&dedup).answered(peer, request.message_id, out);
+                }
             };
-            if separate {
-                to.mtype = MessageType::Confirmable;
-            }
-            let out = client_response(&result, to, peer);
-            if separate {
-                send_confirmable(&socket, peer, fresh_mid, &out, &pending).await;
-            } else {
-                if let Err(e) = socket.send_to(&out, peer).await {
-                    tracing::debug!("send to {peer}: {e}");
-                }
-                lock(&dedup).answered(peer, request.message_id, out);
-            }
-        };
-        // Boxed: the request's future (~2 KiB) is then copied once, into its box; a task
-        // holding it inline was copied 5-6 times per request (spawn, set_stage).
-        tokio::spawn(Box::pin(fut));
+            // Boxed: the request's future (~2 KiB) is then copied once, into its box; a task
+            // holding it inline was copied 5-6 times per request (spawn, set_stage).
+            tokio::spawn(Box::pin(fut));
+        }
     }
 }
 

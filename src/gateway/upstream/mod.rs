@@ -20,7 +20,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
+
 use super::busy_poll::Activity;
+use super::recv_batch::RecvBatch;
 use super::FastMap;
 use crate::client::transport::random_bytes;
 pub use link::{Event, LinkError, LinkParams, OriginLink};
@@ -30,6 +35,8 @@ pub const MAX_ORIGINS: usize = 1024;
 /// A link with nothing in flight for this long is closed (it keeps answering
 /// retransmitted CON responses until then; RFC 7252 §4.8.2 EXCHANGE_LIFETIME).
 pub const IDLE_CLOSE: Duration = Duration::from_secs(247);
+/// Datagrams taken from an origin's socket per recvmmsg call, at most.
+const LINK_RECV_BATCH: usize = 16;
 /// Requests waiting in a link's channel, at most.
 const CHANNEL: usize = 256;
 
@@ -198,7 +205,8 @@ async fn drive(
     activity: Option<Arc<Activity>>,
 ) {
     let mut waiting: FastMap<Vec<u8>, oneshot::Sender<Reply>> = FastMap::default();
-    let mut buf = vec![0u8; 65536];
+    let mut batch = RecvBatch::new(LINK_RECV_BATCH);
+    let fd = socket.as_raw_fd();
     let mut idle_since = Instant::now();
     // One timer for the link, armed lazily (re-arming a timer per datagram was a timer
     // wheel insertion and removal each time): `armed` is never later than the link's
@@ -226,12 +234,15 @@ async fn drive(
                     }
                 }
             }
-            r = socket.recv(&mut buf) => match r {
+            r = socket.async_io(Interest::READABLE, || batch.recv(fd)) => match r {
                 Ok(n) => {
                     if let Some(a) = &activity {
                         a.touch();
                     }
-                    link.handle_datagram(Instant::now().into_std(), &buf[..n]);
+                    let now = Instant::now().into_std();
+                    for i in 0..n {
+                        link.handle_datagram(now, batch.get(i).0);
+                    }
                 }
                 // ICMP port unreachable (ECONNREFUSED on a connected socket) and the like:
                 // treat as loss, retransmission goes on.
