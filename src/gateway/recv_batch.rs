@@ -55,6 +55,16 @@ impl RecvBatch {
     /// Receives the datagrams waiting on `fd` (at most the batch size) without blocking:
     /// `Ok(n)` with n ≥ 1, or an error (`WouldBlock` when none is waiting).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_with(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// For a blocking socket: waits for one datagram (up to the socket's receive timeout,
+    /// then `WouldBlock`/`TimedOut`), then takes the others already waiting.
+    pub fn recv_wait(&mut self, fd: RawFd) -> io::Result<usize> {
+        self.recv_with(fd, libc::MSG_WAITFORONE)
+    }
+
+    fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         self.received = 0;
         let batch = self.hdrs.len();
         let base = self.bufs.as_mut_ptr();
@@ -81,7 +91,7 @@ impl RecvBatch {
                 fd,
                 self.hdrs.as_mut_ptr(),
                 batch as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -158,6 +168,13 @@ mod tests {
         assert_eq!(batch.get(3).0, b"more");
         assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 4);
         assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 1);
+        b.send_to(b"last", to).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+            .unwrap();
+        assert_eq!(batch.recv_wait(rx.as_raw_fd()).unwrap(), 1);
+        assert_eq!(batch.get(0).0, b"last");
+        let e = batch.recv_wait(rx.as_raw_fd()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "the receive timeout");
         let mut buf = [0u8; 16];
         rx.set_nonblocking(true).unwrap();
         assert!(rx.recv_from(&mut buf).is_err(), "all were taken");
