@@ -9,6 +9,7 @@
 //! the call is non-blocking and reports `WouldBlock` when nothing is waiting.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
@@ -17,9 +18,10 @@ const SLOT: usize = 65_507;
 
 /// Receive buffers and results of one `recvmmsg` call.
 pub struct RecvBatch {
-    /// `batch` slots of `SLOT` bytes. Allocated zeroed, so only the pages that datagrams
-    /// are written to become resident.
-    bufs: Vec<u8>,
+    /// `batch` slots of `SLOT` bytes, never initialised by us (zeroing them would make all
+    /// of them resident): only the pages the kernel writes datagrams to become resident,
+    /// and only those bytes are ever read.
+    bufs: Vec<MaybeUninit<u8>>,
     addrs: Vec<libc::sockaddr_storage>,
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
@@ -38,7 +40,7 @@ impl RecvBatch {
         let zero_addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let zero_hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
         Self {
-            bufs: vec![0u8; batch * SLOT],
+            bufs: Vec::with_capacity(batch * SLOT),
             addrs: vec![zero_addr; batch],
             hdrs: vec![zero_hdr; batch],
             iovs: vec![
@@ -67,6 +69,7 @@ impl RecvBatch {
     fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
         self.received = 0;
         let batch = self.hdrs.len();
+        // the allocation (len 0, capacity batch * SLOT; never grown, so never moved)
         let base = self.bufs.as_mut_ptr();
         for i in 0..batch {
             self.iovs[i] = libc::iovec {
@@ -121,7 +124,11 @@ impl RecvBatch {
         } else {
             (hdr.msg_len as usize).min(SLOT)
         };
-        let data = &self.bufs[i * SLOT..i * SLOT + len];
+        // SAFETY: the kernel wrote `msg_len` bytes at the start of slot i (inside the
+        // allocation of batch * SLOT bytes), so these bytes are initialised.
+        let data = unsafe {
+            std::slice::from_raw_parts(self.bufs.as_ptr().add(i * SLOT).cast::<u8>(), len)
+        };
         let mut storage = socket2::SockAddrStorage::zeroed();
         // SAFETY: `sockaddr_storage` is a platform sockaddr type; the kernel wrote
         // `msg_namelen` (≤ its size) bytes of an address into it.
