@@ -52,6 +52,9 @@ impl Activity {
             let mut last = Instant::now();
             loop {
                 tokio::task::yield_now().await;
+                // Give this CPU to another runnable thread, if any (the origin or the
+                // client may share it): spinning then costs only otherwise idle time.
+                std::thread::yield_now();
                 let now_seen = self.seen.load(Ordering::Relaxed);
                 let now = Instant::now();
                 if now_seen != seen {
