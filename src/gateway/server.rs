@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
-use super::recv_batch::RecvBatch;
+use super::mmsg::RecvBatch;
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
 use super::target::Refusal;
 use super::{Gateway, GatewayError};
@@ -117,7 +117,7 @@ async fn serve(
     let dedup = Arc::new(Mutex::new(Dedup::new(DEDUP_CAPACITY, EXCHANGE_LIFETIME)));
     let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
     let pending: Pending = Arc::default();
-    // Every datagram waiting is taken in one recvmmsg (`recv_batch`).
+    // Every datagram waiting is taken in one recvmmsg (`mmsg`).
     let mut batch = RecvBatch::new(RECV_BATCH);
     let fd = socket.as_raw_fd();
     loop {

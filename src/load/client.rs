@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::client::transport::random_bytes;
 use crate::coap::{number, CoapUri, Code, MessageBuilder, MessageType, MessageView};
-use crate::gateway::recv_batch::RecvBatch;
+use crate::gateway::mmsg::RecvBatch;
 use crate::oscore::{protect_request, unprotect_response, RequestBinding};
 
 use super::oscore_ctx::{client_context, OpenedContext};

@@ -49,7 +49,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
     let mut origin = Origin::new(contexts, cfg.payload_size);
     let end = cfg.max_seconds.map(|d| Instant::now() + d);
     // Every datagram waiting is taken in one recvmmsg: one syscall per batch under load.
-    let mut batch = crate::gateway::recv_batch::RecvBatch::new(32);
+    let mut batch = crate::gateway::mmsg::RecvBatch::new(32);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
     let mut out = Vec::with_capacity(2048);
     let result = loop {

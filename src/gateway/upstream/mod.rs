@@ -25,7 +25,7 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 
 use super::busy_poll::Activity;
-use super::recv_batch::RecvBatch;
+use super::mmsg::{send_batch, RecvBatch, SEND_BATCH};
 use super::FastMap;
 use crate::client::transport::random_bytes;
 pub use link::{Event, LinkError, LinkParams, OriginLink};
@@ -193,6 +193,27 @@ fn random_unit() -> f64 {
     f64::from(u16::from_be_bytes(random_bytes::<2>())) / f64::from(u16::MAX)
 }
 
+/// Hands one request to the link; its requester is answered when the link says so.
+fn submit(
+    link: &mut OriginLink,
+    waiting: &mut FastMap<Vec<u8>, oneshot::Sender<Reply>>,
+    peer: SocketAddr,
+    now: std::time::Instant,
+    Submit { datagram, reply }: Submit,
+) {
+    let token = crate::coap::MessageView::parse(&datagram)
+        .map(|v| v.token.to_vec())
+        .unwrap_or_default();
+    match link.submit(now, datagram, random_unit()) {
+        Ok(()) => {
+            waiting.insert(token, reply);
+        }
+        Err(source) => {
+            let _ = reply.send(Reply::Done(Err(UpstreamError::Link { peer, source })));
+        }
+    }
+}
+
 /// The task of one origin: feeds the socket, the requests and the clock into the link and
 /// carries out its events.
 async fn drive(
@@ -206,6 +227,7 @@ async fn drive(
 ) {
     let mut waiting: FastMap<Vec<u8>, oneshot::Sender<Reply>> = FastMap::default();
     let mut batch = RecvBatch::new(LINK_RECV_BATCH);
+    let mut outgoing: Vec<Vec<u8>> = Vec::with_capacity(SEND_BATCH);
     let fd = socket.as_raw_fd();
     let mut idle_since = Instant::now();
     // One timer for the link, armed lazily (re-arming a timer per datagram was a timer
@@ -221,17 +243,13 @@ async fn drive(
     loop {
         tokio::select! {
             cmd = rx.recv() => {
-                let Some(Submit { datagram, reply }) = cmd else { break };
-                let token = crate::coap::MessageView::parse(&datagram)
-                    .map(|v| v.token.to_vec())
-                    .unwrap_or_default();
-                match link.submit(Instant::now().into_std(), datagram, random_unit()) {
-                    Ok(()) => {
-                        waiting.insert(token, reply);
-                    }
-                    Err(source) => {
-                        let _ = reply.send(Reply::Done(Err(UpstreamError::Link { peer, source })));
-                    }
+                let Some(first) = cmd else { break };
+                let now = Instant::now().into_std();
+                submit(&mut link, &mut waiting, peer, now, first);
+                // and the requests queued behind it: their datagrams leave in one sendmmsg
+                for _ in 1..SEND_BATCH {
+                    let Ok(next) = rx.try_recv() else { break };
+                    submit(&mut link, &mut waiting, peer, now, next);
                 }
             }
             r = socket.async_io(Interest::READABLE, || batch.recv(fd)) => match r {
@@ -273,11 +291,7 @@ async fn drive(
         }
         while let Some(ev) = link.poll_event() {
             match ev {
-                Event::Transmit(d) => {
-                    if let Err(e) = socket.send(&d).await {
-                        tracing::debug!("send to {peer}: {e}");
-                    }
-                }
+                Event::Transmit(d) => outgoing.push(d),
                 Event::Response { token, datagram } => {
                     if let Some(tx) = waiting.remove(&token) {
                         let _ = tx.send(Reply::Done(Ok(datagram)));
@@ -293,6 +307,25 @@ async fn drive(
                 }
             }
         }
+        // In the order the link made them (the origin's replay window sees sequence
+        // numbers in order), in batches.
+        let mut sent = 0;
+        while sent < outgoing.len() {
+            let rest = &outgoing[sent..];
+            match socket
+                .async_io(Interest::WRITABLE, || send_batch(fd, rest))
+                .await
+            {
+                Ok(n) => sent += n.max(1),
+                Err(e) => {
+                    // e.g. ICMP port unreachable on the connected socket: like loss,
+                    // retransmission goes on
+                    tracing::debug!("send to {peer}: {e}");
+                    sent += 1;
+                }
+            }
+        }
+        outgoing.clear();
         if !link.is_empty() {
             let now = Instant::now();
             idle_since = now;
