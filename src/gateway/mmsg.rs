@@ -175,6 +175,45 @@ pub fn send_batch(fd: RawFd, datagrams: &[Vec<u8>]) -> io::Result<usize> {
     Ok(sent as usize)
 }
 
+/// Sends `n` datagrams (at most `SEND_BATCH` of them), datagram `i` being `item(i)` =
+/// (bytes, destination), on the unconnected socket `fd` in one non-blocking `sendmmsg`:
+/// `Ok(sent)` (≥ 1; the rest may be retried) or the error of the first.
+pub fn send_batch_to<'a>(
+    fd: RawFd,
+    n: usize,
+    item: impl Fn(usize) -> (&'a [u8], SocketAddr),
+) -> io::Result<usize> {
+    let n = n.min(SEND_BATCH);
+    if n == 0 {
+        return Ok(0);
+    }
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    let mut addrs: [Option<socket2::SockAddr>; SEND_BATCH] = std::array::from_fn(|_| None);
+    for i in 0..n {
+        let (d, to) = item(i);
+        iovs[i] = libc::iovec {
+            // sendmmsg only reads through this pointer
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        };
+        let a = addrs[i].insert(socket2::SockAddr::from(to));
+        hdrs[i].msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
+        hdrs[i].msg_hdr.msg_namelen = a.len();
+        hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `n` initialised headers, each with a live address of the given length and
+    // one iovec over a live datagram.
+    let sent =
+        unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +237,31 @@ mod tests {
         for d in &datagrams {
             let n = rx.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], &d[..]);
+        }
+    }
+
+    #[test]
+    fn send_batch_to_reaches_each_destination() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let items: Vec<(Vec<u8>, SocketAddr)> = (0..5u8)
+            .map(|i| {
+                let to = if i % 2 == 0 { &a } else { &b };
+                (vec![i; 10 + usize::from(i)], to.local_addr().unwrap())
+            })
+            .collect();
+        let n = send_batch_to(tx.as_raw_fd(), items.len(), |i| (&items[i].0, items[i].1)).unwrap();
+        assert_eq!(n, 5);
+        let mut buf = [0u8; 64];
+        for (d, to) in &items {
+            let rx = if *to == a.local_addr().unwrap() {
+                &a
+            } else {
+                &b
+            };
+            let (k, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..k], from), (&d[..], tx.local_addr().unwrap()));
         }
     }
 

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
-use super::mmsg::RecvBatch;
+use super::mmsg::{send_batch_to, RecvBatch};
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
 use super::target::Refusal;
 use super::{Gateway, GatewayError};
@@ -117,6 +117,15 @@ async fn serve(
     let dedup = Arc::new(Mutex::new(Dedup::new(DEDUP_CAPACITY, EXCHANGE_LIFETIME)));
     let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
     let pending: Pending = Arc::default();
+    let outbox = Arc::new(Outbox::default());
+    tokio::spawn(send_answers(
+        Arc::clone(&socket),
+        Arc::clone(&outbox),
+        Arc::clone(&dedup),
+    ));
+    // The sender outlives this loop until the requests still in flight have been answered
+    // (each answer holds an in-flight guard, which `run` waits for); then it ends.
+    let _close = WakeOnDrop(Arc::clone(&outbox));
     // Every datagram waiting is taken in one recvmmsg (`mmsg`).
     let mut batch = RecvBatch::new(RECV_BATCH);
     let fd = socket.as_raw_fd();
@@ -181,8 +190,9 @@ async fn serve(
             let pending = Arc::clone(&pending);
             let next_mid = Arc::clone(&next_mid);
             let guard = inflight.clone();
+            let outbox = Arc::clone(&outbox);
             let fut = async move {
-                let _guard = guard;
+                let guard = guard;
                 let Ok(request) = MessageView::parse(&datagram) else {
                     return;
                 };
@@ -229,16 +239,95 @@ async fn serve(
                 if separate {
                     send_confirmable(&socket, peer, fresh_mid, &out, &pending).await;
                 } else {
-                    if let Err(e) = socket.send_to(&out, peer).await {
-                        tracing::debug!("send to {peer}: {e}");
-                    }
-                    lock(&dedup).answered(peer, request.message_id, out);
+                    outbox.push(Answer {
+                        datagram: out,
+                        peer,
+                        mid: request.message_id,
+                        _guard: guard,
+                    });
                 }
             };
             // Boxed: the request's future (~2 KiB) is then copied once, into its box; a task
             // holding it inline was copied 5-6 times per request (spawn, set_stage).
             tokio::spawn(Box::pin(fut));
         }
+    }
+}
+
+/// A piggybacked or NON answer for a client, queued for the listener's sender task.
+struct Answer {
+    datagram: Vec<u8>,
+    peer: SocketAddr,
+    /// The request's Message ID (for deduplication of its retransmissions).
+    mid: u16,
+    /// The request counts as in flight until its answer has left.
+    _guard: mpsc::Sender<()>,
+}
+
+/// Answers of the requests that finished since the sender task last ran: sent together in
+/// one sendmmsg, so a burst of answers costs one syscall and wakes the client once.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Vec<Answer>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Outbox {
+    fn push(&self, answer: Answer) {
+        let mut q = lock(&self.queue);
+        let first = q.is_empty();
+        q.push(answer);
+        drop(q);
+        if first {
+            // The sender runs after the tasks already runnable, which add to this batch.
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The listener's sender task: sends queued answers in batches, then records each for
+/// deduplication (RFC 7252 §4.5: a retransmitted request gets the same answer).
+async fn send_answers(socket: Arc<UdpSocket>, outbox: Arc<Outbox>, dedup: Arc<Mutex<Dedup>>) {
+    let fd = socket.as_raw_fd();
+    let mut batch: Vec<Answer> = Vec::new();
+    loop {
+        outbox.wake.notified().await;
+        std::mem::swap(&mut *lock(&outbox.queue), &mut batch);
+        let mut sent = 0;
+        while sent < batch.len() {
+            let rest = &batch[sent..];
+            let r = socket
+                .async_io(Interest::WRITABLE, || {
+                    send_batch_to(fd, rest.len(), |i| (&rest[i].datagram, rest[i].peer))
+                })
+                .await;
+            match r {
+                Ok(n) => sent += n.max(1),
+                Err(e) => {
+                    tracing::debug!("send to {}: {e}", rest[0].peer);
+                    sent += 1;
+                }
+            }
+        }
+        {
+            let mut d = lock(&dedup);
+            for a in batch.drain(..) {
+                d.answered(a.peer, a.mid, a.datagram);
+            }
+        }
+        // The listener stopped and no request task is left to queue an answer.
+        if Arc::strong_count(&outbox) == 1 && lock(&outbox.queue).is_empty() {
+            return;
+        }
+    }
+}
+
+/// Wakes the sender task when the listener loop ends, so that it can see it is the last.
+struct WakeOnDrop(Arc<Outbox>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.wake.notify_one();
     }
 }
 
