@@ -16,7 +16,8 @@
 # loopback round trip, not the gateway; row d-n1 shows that case.
 #
 # The main rows run at window W (64: the (d)/(b) target); d@32, f and g run at W32 (32: the
-# (d)/(f) target); a1, b1, d1 at W=1 (the added-latency target).
+# (d)/(f) target); a1, b1, d1 at W=1 (the added-latency target); d1-bp is d1 with the
+# gateway busy polling ([coap] busy_poll_us: one core busy while traffic flows).
 #
 # For each: requests/s, p50 and p99 latency, CPU seconds per 100k requests of the server-side
 # processes (utime+stime from /proc/PID/stat, hop and origin together) and the hop's peak RSS
@@ -30,7 +31,10 @@
 #
 # Usage: benches/e2e.sh            (from the project root; builds the release binary)
 # Env:   N=20000 W=64 W32=32 NSTART=64 NF=300 (aiocoap scenarios) N1=2000 (W=1 runs) PORT_BASE=47300
-#        SKIP_BUILD=1  VENV=/work/main/target/interop/venv  INTEROP=/work/shared/interop
+#        SKIP_BUILD=1  BIN=target/release/oscore-gateway  VENV=/work/main/target/interop/venv  INTEROP=/work/shared/interop
+#        ROWS="b d d@32 d1 a1"  (only these rows; default: all)
+#        BUSY_POLL_US=200  (the gateway's [coap] busy_poll_us in row d1-bp only; the other rows
+#        run with the default, off)
 set -euo pipefail
 
 N=${N:-20000}
@@ -41,12 +45,14 @@ NF=${NF:-300}
 N1=${N1:-2000}
 PORT_BASE=${PORT_BASE:-47300}
 LIMIT=${LIMIT:-60}
+ROWS=${ROWS:-}
+BUSY_POLL_US=${BUSY_POLL_US:-200}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/target/interop/venv}
 [ -x "$VENV/bin/python" ] || VENV=/work/main/target/interop/venv
 INTEROP=${INTEROP:-$ROOT/../shared/interop}
 [ -d "$INTEROP" ] || INTEROP=/work/shared/interop
-BIN=$ROOT/target/release/oscore-gateway
+BIN=${BIN:-$ROOT/target/release/oscore-gateway}
 TCK=$(getconf CLK_TCK)
 
 if [ -z "${SKIP_BUILD:-}" ]; then
@@ -112,9 +118,12 @@ hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
 
+want() { [ -z "$ROWS" ] || [[ " $ROWS " == *" $1 "* ]]; }
+
 # measure ID LABEL "SERVER_PIDS" HOP_PID -- LOAD_ARGS...
 measure() {
     local id=$1 label=$2 servers=$3 hop=$4; shift 5
+    want "$id" || return 0
     local before=0 after=0 p json
     for p in $servers; do before=$((before + $(ticks "$p"))); done
     json=$("$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
@@ -182,17 +191,19 @@ else
     printf '{"coap://127.0.0.1:%s/*":{"oscore":{"basedir":"%s"}}}' $OORIGIN "$TMP/ctx-d/gw" >"$TMP/ctx-d/gw.json"
     printf '{":gw":{"oscore":{"basedir":"%s"}}}' "$TMP/ctx-d/server" >"$TMP/ctx-d/server.json"
 fi
-oscore_toml() { # oscore_toml NSTART
+oscore_toml() { # oscore_toml NSTART [BUSY_POLL_US]
     cat <<TOML
 [coap]
 bind = ["127.0.0.1:$GW"]
 nstart = $1
+${2:+busy_poll_us = $2}
 [policy]
 plain_forwarding = false
 TOML
 }
 oscore_toml "$NSTART" >"$TMP/oscore.toml"
 oscore_toml 1 >"$TMP/oscore-n1.toml"
+oscore_toml "$NSTART" "$BUSY_POLL_US" >"$TMP/oscore-bp.toml"
 start oorigin "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx-d/server.json" --max-seconds 600; O=$LAST_PID
 start gw-oscore "$BIN" run --config "$TMP/oscore.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
 wait_port $OORIGIN; wait_port $GW
@@ -203,6 +214,12 @@ stop_pid "$G"
 start gw-oscore-n1 "$BIN" run --config "$TMP/oscore-n1.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
 wait_port $GW
 measure d-n1 "same as d, gateway nstart = 1" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
+if want d1-bp; then
+    stop_pid "$G"
+    start gw-oscore-bp "$BIN" run --config "$TMP/oscore-bp.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
+    wait_port $GW
+    measure d1-bp "same as d1, gateway busy_poll_us = $BUSY_POLL_US" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N1" --window 1
+fi
 stop_all
 
 echo "== (e) OSCORE client -> gateway (inbound) -> plain origin" >&2
@@ -278,4 +295,6 @@ if d and b: print(f"(d)/(b) at W={by['d'][2]} = {d/b:.3f}  (target >= 0.5 at W=6
 if d32 and f: print(f"(d@32)/(f) at W={by['f'][2]} = {d32/f:.1f}  (target >= 100 at W=32)")
 if p50("d1") is not None and p50("a1") is not None:
     print(f"added latency at W=1: p50(d) - p50(a) = {p50('d1') - p50('a1'):.1f} µs  (target <= 30)")
+if p50("d1-bp") is not None and p50("a1") is not None:
+    print(f"added latency at W=1, gateway busy polling: p50(d1-bp) - p50(a) = {p50('d1-bp') - p50('a1'):.1f} µs  (one core busy while traffic flows)")
 PY

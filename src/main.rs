@@ -5,6 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: the forwarding path allocates small buffers and
+/// one multi-KiB task per request; with glibc, malloc/free were ~15 % of the gateway's
+/// CPU under load (every >= 1 KiB request consolidates the fast bins, tokio's aligned task
+/// allocations go through `_int_memalign`). See docs/PERFORMANCE.md, branch `hot`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cli_oscore;
 mod cli_request;
 mod cli_run;

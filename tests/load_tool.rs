@@ -270,3 +270,66 @@ fn oscore_without_matching_credential_refuses() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no credential"));
 }
+
+/// utime + stime of `pid` in clock ticks (fields 14 and 15 of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // after "pid (comm) ": state is field 3, utime field 14, stime field 15
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// `[coap] busy_poll_us`: with the spinner on, the gateway forwards as usual, and once
+/// traffic stops it stops spinning (a gateway that kept spinning would burn a core: tens of
+/// ticks per second even on a loaded machine).
+#[test]
+fn gateway_with_busy_polling_forwards_then_sleeps() {
+    let origin = free_port();
+    let _o = start(&["--serve", &format!("127.0.0.1:{origin}")], origin);
+    let gw = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[coap]\nbind = [\"127.0.0.1:{gw}\"]\nnstart = 8\nbusy_poll_us = 2000\n\
+             [policy]\nplain_forwarding = true\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _g = Guard(child);
+    let end = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(("127.0.0.1", gw)).is_ok() {
+        assert!(Instant::now() < end, "gateway on port {gw} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = run_load(&[
+        &format!("coap://127.0.0.1:{origin}/x"),
+        "--proxy",
+        &format!("coap://127.0.0.1:{gw}"),
+        "--proxy-scheme",
+        "--count",
+        "500",
+        "--window",
+        "8",
+    ]);
+    assert_sane(&r, 500);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = cpu_ticks(pid) - before;
+    assert!(
+        idle < 20,
+        "the gateway used {idle} ticks in 1 s without traffic"
+    );
+}

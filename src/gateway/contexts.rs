@@ -2,7 +2,6 @@
 //! aiocoap does), and opening each context directory once per process (it is locked while
 //! open, like aiocoap's), shared by every request that needs it and closed at shutdown.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -165,7 +164,7 @@ impl Protection for OscoreProtection {
 /// context that was locked by another process is tried again by the next request.
 #[derive(Default)]
 pub struct ContextCache {
-    open: tokio::sync::Mutex<HashMap<PathBuf, Arc<OscoreProtection>>>,
+    open: tokio::sync::Mutex<super::FastMap<PathBuf, Arc<OscoreProtection>>>,
 }
 
 impl ContextCache {

@@ -5,6 +5,7 @@
 //! Pure: the caller passes the time in. Bounded: at most `capacity` entries; when full the
 //! oldest is forgotten (it would be the first to expire anyway, since the lifetime is fixed).
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -59,8 +60,10 @@ impl Dedup {
             }
             self.order.pop_front();
             // Only remove the entry if it is the one this order slot was made for.
-            if self.entries.get(&key).is_some_and(|(s, _)| *s == serial) {
-                self.entries.remove(&key);
+            if let Entry::Occupied(e) = self.entries.entry(key) {
+                if e.get().0 == serial {
+                    e.remove();
+                }
             }
         }
     }
@@ -68,13 +71,15 @@ impl Dedup {
     /// Checks a request from `peer` with `mid`, recording it if it is new.
     pub fn check(&mut self, peer: SocketAddr, mid: u16, now: Instant) -> Seen {
         self.expire(now);
-        match self.entries.get(&(peer, mid)) {
-            Some((_, State::InFlight)) => Seen::InFlight,
-            Some((_, State::Answered(r))) => Seen::Answered(r.clone()),
-            None => {
+        // One lookup (SipHash of the peer address) for the check and the insertion.
+        match self.entries.entry((peer, mid)) {
+            Entry::Occupied(e) => match &e.get().1 {
+                State::InFlight => Seen::InFlight,
+                State::Answered(r) => Seen::Answered(r.clone()),
+            },
+            Entry::Vacant(v) => {
                 self.serial += 1;
-                self.entries
-                    .insert((peer, mid), (self.serial, State::InFlight));
+                v.insert((self.serial, State::InFlight));
                 self.order.push_back((now, self.serial, (peer, mid)));
                 Seen::New
             }

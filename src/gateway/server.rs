@@ -13,17 +13,23 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
+use super::mmsg::{send_batch_to, RecvBatch};
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
 use super::target::Refusal;
 use super::{Gateway, GatewayError};
 use crate::client::transport::random_bytes;
 use crate::coap::{Code, MessageType, MessageView};
 
+/// Datagrams taken from a listener per recvmmsg call, at most.
+const RECV_BATCH: usize = 32;
 /// Requests remembered for deduplication per listener.
 pub const DEDUP_CAPACITY: usize = 16384;
 /// How long in-flight requests may take to finish at shutdown.
@@ -68,6 +74,9 @@ pub async fn run(gateway: Gateway, listeners: Listeners, shutdown: impl Future<O
     // Every request task holds a clone; when all are dropped, `recv` returns None.
     let (inflight_tx, mut inflight_rx) = mpsc::channel::<()>(1);
     let mut loops = Vec::new();
+    let spinner = gateway
+        .activity()
+        .map(|a| tokio::spawn(Arc::clone(a).spin(gateway.config().busy_poll)));
     for socket in listeners.sockets {
         loops.push(tokio::spawn(serve(
             Arc::clone(&gateway),
@@ -82,6 +91,9 @@ pub async fn run(gateway: Gateway, listeners: Listeners, shutdown: impl Future<O
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
+    }
+    if let Some(s) = spinner {
+        s.abort();
     }
     if tokio::time::timeout(SHUTDOWN_GRACE, inflight_rx.recv())
         .await
@@ -105,12 +117,28 @@ async fn serve(
     let dedup = Arc::new(Mutex::new(Dedup::new(DEDUP_CAPACITY, EXCHANGE_LIFETIME)));
     let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
     let pending: Pending = Arc::default();
-    let mut buf = vec![0u8; 65536];
+    let outbox = Arc::new(Outbox::default());
+    tokio::spawn(send_answers(
+        Arc::clone(&socket),
+        Arc::clone(&outbox),
+        Arc::clone(&dedup),
+    ));
+    // The sender outlives this loop until the requests still in flight have been answered
+    // (each answer holds an in-flight guard, which `run` waits for); then it ends.
+    let _close = WakeOnDrop(Arc::clone(&outbox));
+    // Every datagram waiting is taken in one recvmmsg (`mmsg`).
+    let mut batch = RecvBatch::new(RECV_BATCH);
+    let fd = socket.as_raw_fd();
     loop {
-        let (n, peer) = tokio::select! {
+        let received = tokio::select! {
             _ = stop.changed() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+            r = socket.async_io(Interest::READABLE, || batch.recv(fd)) => match r {
+                Ok(n) => {
+                    if let Some(a) = gateway.activity() {
+                        a.touch();
+                    }
+                    n
+                }
                 Err(e) => {
                     // e.g. ICMP errors surfacing on the socket: not fatal for a server
                     tracing::debug!("recv on {:?}: {e}", socket.local_addr());
@@ -118,99 +146,188 @@ async fn serve(
                 }
             },
         };
-        let datagram = buf[..n].to_vec();
-        let Ok(msg) = MessageView::parse(&datagram) else {
-            continue; // RFC 7252 §4.2/4.3: silently ignore malformed messages
-        };
-        match msg.mtype {
-            MessageType::Confirmable | MessageType::NonConfirmable if msg.code.is_request() => {}
-            MessageType::Confirmable => {
-                // An Empty CON ("ping", §4.3) or a response we never asked for: Reset.
-                let mut out = Vec::with_capacity(4);
-                reset(msg.message_id, &mut out);
-                let _ = socket.send_to(&out, peer).await;
-                continue;
-            }
-            MessageType::Acknowledgement | MessageType::Reset => {
-                // The client's answer to a separate response.
-                if let Some(done) = lock(&pending).remove(&(peer, msg.message_id)) {
-                    let _ = done.send(());
-                } else if msg.mtype == MessageType::Reset {
-                    // RFC 7641 §3.6: the client rejects a relayed notification.
-                    gateway.observations().client_reset(peer, msg.message_id);
+        for i in 0..received {
+            let (data, peer) = batch.get(i);
+            let Some(peer) = peer else { continue };
+            let datagram = data.to_vec();
+            let Ok(msg) = MessageView::parse(&datagram) else {
+                continue; // RFC 7252 §4.2/4.3: silently ignore malformed messages
+            };
+            match msg.mtype {
+                MessageType::Confirmable | MessageType::NonConfirmable if msg.code.is_request() => {
                 }
-                continue;
-            }
-            _ => continue, // a NON that is not a request: nothing to do
-        }
-        let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
-        match seen {
-            Seen::New => {}
-            Seen::InFlight => continue,
-            Seen::Answered(response) => {
-                let _ = socket.send_to(&response, peer).await;
-                continue;
-            }
-        }
-        let gateway = Arc::clone(&gateway);
-        let socket = Arc::clone(&socket);
-        let dedup = Arc::clone(&dedup);
-        let pending = Arc::clone(&pending);
-        let next_mid = Arc::clone(&next_mid);
-        let guard = inflight.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let Ok(request) = MessageView::parse(&datagram) else {
-                return;
-            };
-            let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
-            let mut to = ReplyTo::for_request(&request, fresh_mid);
-            let observing = request.has_option(crate::coap::number::OBSERVE);
-            let client = super::observe::ClientLink {
-                socket: Arc::clone(&socket),
-                peer,
-                next_mid: Arc::clone(&next_mid),
-            };
-            let work = async {
-                if observing {
-                    gateway
-                        .handle_observe_request(&request, &datagram, client)
-                        .await
-                } else {
-                    gateway.handle_request_from(peer, &request).await
+                MessageType::Confirmable => {
+                    // An Empty CON ("ping", §4.3) or a response we never asked for: Reset.
+                    let mut out = Vec::with_capacity(4);
+                    reset(msg.message_id, &mut out);
+                    let _ = socket.send_to(&out, peer).await;
+                    continue;
                 }
-            };
-            tokio::pin!(work);
-            let mut separate = false;
-            let result = if request.mtype == MessageType::Confirmable {
-                tokio::select! {
-                    r = &mut work => r,
-                    _ = tokio::time::sleep(SEPARATE_AFTER) => {
-                        // §5.2.2: empty ACK now; retransmissions of the CON get it again.
-                        let mut ack = Vec::with_capacity(4);
-                        empty_ack(request.message_id, &mut ack);
-                        let _ = socket.send_to(&ack, peer).await;
-                        lock(&dedup).answered(peer, request.message_id, ack);
-                        separate = true;
-                        work.await
+                MessageType::Acknowledgement | MessageType::Reset => {
+                    // The client's answer to a separate response.
+                    if let Some(done) = lock(&pending).remove(&(peer, msg.message_id)) {
+                        let _ = done.send(());
+                    } else if msg.mtype == MessageType::Reset {
+                        // RFC 7641 §3.6: the client rejects a relayed notification.
+                        gateway.observations().client_reset(peer, msg.message_id);
                     }
+                    continue;
                 }
-            } else {
-                work.await
+                _ => continue, // a NON that is not a request: nothing to do
+            }
+            let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
+            match seen {
+                Seen::New => {}
+                Seen::InFlight => continue,
+                Seen::Answered(response) => {
+                    let _ = socket.send_to(&response, peer).await;
+                    continue;
+                }
+            }
+            let gateway = Arc::clone(&gateway);
+            let socket = Arc::clone(&socket);
+            let dedup = Arc::clone(&dedup);
+            let pending = Arc::clone(&pending);
+            let next_mid = Arc::clone(&next_mid);
+            let guard = inflight.clone();
+            let outbox = Arc::clone(&outbox);
+            let fut = async move {
+                let guard = guard;
+                let Ok(request) = MessageView::parse(&datagram) else {
+                    return;
+                };
+                let fresh_mid = next_mid.fetch_add(1, Ordering::Relaxed);
+                let mut to = ReplyTo::for_request(&request, fresh_mid);
+                let observing = request.has_option(crate::coap::number::OBSERVE);
+                let client = super::observe::ClientLink {
+                    socket: Arc::clone(&socket),
+                    peer,
+                    next_mid: Arc::clone(&next_mid),
+                };
+                let work = async {
+                    if observing {
+                        // Boxed: the Observe path's state is large and rare; inline it would
+                        // make every request's task (allocated and moved per request) ~2 KiB
+                        // bigger (4.4 KiB in all).
+                        Box::pin(gateway.handle_observe_request(&request, &datagram, client)).await
+                    } else {
+                        gateway.handle_request_from(peer, &request).await
+                    }
+                };
+                tokio::pin!(work);
+                let mut separate = false;
+                let result = if request.mtype == MessageType::Confirmable {
+                    tokio::select! {
+                        r = &mut work => r,
+                        _ = tokio::time::sleep(SEPARATE_AFTER) => {
+                            // §5.2.2: empty ACK now; retransmissions of the CON get it again.
+                            let mut ack = Vec::with_capacity(4);
+                            empty_ack(request.message_id, &mut ack);
+                            let _ = socket.send_to(&ack, peer).await;
+                            lock(&dedup).answered(peer, request.message_id, ack);
+                            separate = true;
+                            work.await
+                        }
+                    }
+                } else {
+                    work.await
+                };
+                if separate {
+                    to.mtype = MessageType::Confirmable;
+                }
+                let out = client_response(&result, to, peer);
+                if separate {
+                    send_confirmable(&socket, peer, fresh_mid, &out, &pending).await;
+                } else {
+                    outbox.push(Answer {
+                        datagram: out,
+                        peer,
+                        mid: request.message_id,
+                        _guard: guard,
+                    });
+                }
             };
-            if separate {
-                to.mtype = MessageType::Confirmable;
-            }
-            let out = client_response(&result, to, peer);
-            if separate {
-                send_confirmable(&socket, peer, fresh_mid, &out, &pending).await;
-            } else {
-                if let Err(e) = socket.send_to(&out, peer).await {
-                    tracing::debug!("send to {peer}: {e}");
+            // Boxed: the request's future (~2 KiB) is then copied once, into its box; a task
+            // holding it inline was copied 5-6 times per request (spawn, set_stage).
+            tokio::spawn(Box::pin(fut));
+        }
+    }
+}
+
+/// A piggybacked or NON answer for a client, queued for the listener's sender task.
+struct Answer {
+    datagram: Vec<u8>,
+    peer: SocketAddr,
+    /// The request's Message ID (for deduplication of its retransmissions).
+    mid: u16,
+    /// The request counts as in flight until its answer has left.
+    _guard: mpsc::Sender<()>,
+}
+
+/// Answers of the requests that finished since the sender task last ran: sent together in
+/// one sendmmsg, so a burst of answers costs one syscall and wakes the client once.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<Vec<Answer>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Outbox {
+    fn push(&self, answer: Answer) {
+        let mut q = lock(&self.queue);
+        let first = q.is_empty();
+        q.push(answer);
+        drop(q);
+        if first {
+            // The sender runs after the tasks already runnable, which add to this batch.
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The listener's sender task: sends queued answers in batches, then records each for
+/// deduplication (RFC 7252 §4.5: a retransmitted request gets the same answer).
+async fn send_answers(socket: Arc<UdpSocket>, outbox: Arc<Outbox>, dedup: Arc<Mutex<Dedup>>) {
+    let fd = socket.as_raw_fd();
+    let mut batch: Vec<Answer> = Vec::new();
+    loop {
+        outbox.wake.notified().await;
+        std::mem::swap(&mut *lock(&outbox.queue), &mut batch);
+        let mut sent = 0;
+        while sent < batch.len() {
+            let rest = &batch[sent..];
+            let r = socket
+                .async_io(Interest::WRITABLE, || {
+                    send_batch_to(fd, rest.len(), |i| (&rest[i].datagram, rest[i].peer))
+                })
+                .await;
+            match r {
+                Ok(n) => sent += n.max(1),
+                Err(e) => {
+                    tracing::debug!("send to {}: {e}", rest[0].peer);
+                    sent += 1;
                 }
-                lock(&dedup).answered(peer, request.message_id, out);
             }
-        });
+        }
+        {
+            let mut d = lock(&dedup);
+            for a in batch.drain(..) {
+                d.answered(a.peer, a.mid, a.datagram);
+            }
+        }
+        // The listener stopped and no request task is left to queue an answer.
+        if Arc::strong_count(&outbox) == 1 && lock(&outbox.queue).is_empty() {
+            return;
+        }
+    }
+}
+
+/// Wakes the sender task when the listener loop ends, so that it can see it is the last.
+struct WakeOnDrop(Arc<Outbox>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.wake.notify_one();
     }
 }
 

@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::client::transport::random_bytes;
 use crate::coap::{number, CoapUri, Code, MessageBuilder, MessageType, MessageView};
+use crate::gateway::mmsg::RecvBatch;
 use crate::oscore::{protect_request, unprotect_response, RequestBinding};
 
 use super::oscore_ctx::{client_context, OpenedContext};
@@ -271,7 +272,9 @@ impl<'c> Generator<'c> {
         let cpu_before = process_cpu_time();
         let start = Instant::now();
         let end = start + self.cfg.duration_limit;
-        let mut buf = vec![0u8; 65536];
+        // Answers are taken in batches of up to 64 per recvmmsg (the window's worth).
+        let mut batch = RecvBatch::new(64);
+        let fd = self.socket.as_raw_fd();
         loop {
             let done = self.tally.ok + self.tally.errors + self.tally.timeouts;
             let now = Instant::now();
@@ -284,10 +287,12 @@ impl<'c> Generator<'c> {
             }
             let mut received = false;
             loop {
-                match self.socket.recv(&mut buf) {
+                match batch.recv(fd) {
                     Ok(n) => {
                         received = true;
-                        self.on_datagram(&buf[..n], Instant::now())?;
+                        for i in 0..n {
+                            self.on_datagram(batch.get(i).0, Instant::now())?;
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     // ICMP port unreachable: like loss; retransmission or timeout follows.

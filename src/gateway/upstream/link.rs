@@ -11,12 +11,13 @@
 //! Bounded: at most `max_active` exchanges in flight, `max_queued` waiting for an NSTART
 //! slot, and `RECENT_ACKED` remembered CON responses (to ACK their retransmissions again).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::coap::{Code, MessageBuilder, MessageType, MessageView};
+use crate::gateway::FastMap;
 
 /// CON responses whose Message ID is remembered, so that a retransmission (our ACK was lost)
 /// is acknowledged again instead of reset (§4.5).
@@ -116,11 +117,13 @@ struct Queued {
 pub struct OriginLink {
     params: LinkParams,
     next_mid: u16,
-    active: HashMap<Vec<u8>, Exchange>,
-    by_mid: HashMap<u16, Vec<u8>>,
+    active: FastMap<Vec<u8>, Exchange>,
+    by_mid: FastMap<u16, Vec<u8>>,
     queue: VecDeque<Queued>,
     recent_acked: VecDeque<(u16, Instant)>,
     events: VecDeque<Event>,
+    /// Exchanges in `active` that are `AwaitingAck` (counted, not scanned, per event).
+    outstanding: usize,
 }
 
 impl OriginLink {
@@ -129,12 +132,17 @@ impl OriginLink {
         Self {
             params,
             next_mid: first_mid,
-            active: HashMap::new(),
-            by_mid: HashMap::new(),
+            active: FastMap::default(),
+            by_mid: FastMap::default(),
             queue: VecDeque::new(),
             recent_acked: VecDeque::new(),
             events: VecDeque::new(),
+            outstanding: 0,
         }
+    }
+
+    pub fn params(&self) -> LinkParams {
+        self.params
     }
 
     /// Exchanges in flight plus queued.
@@ -148,10 +156,24 @@ impl OriginLink {
 
     /// Outstanding interactions (§4.7): CONs neither acknowledged nor answered.
     pub fn outstanding(&self) -> usize {
-        self.active
-            .values()
-            .filter(|e| matches!(e.state, State::AwaitingAck { .. }))
-            .count()
+        debug_assert_eq!(
+            self.outstanding,
+            self.active
+                .values()
+                .filter(|e| matches!(e.state, State::AwaitingAck { .. }))
+                .count()
+        );
+        self.outstanding
+    }
+
+    /// Removes the exchange with `token` from `active` (and its Message ID).
+    fn remove_active(&mut self, token: &[u8]) {
+        if let Some(e) = self.active.remove(token) {
+            self.by_mid.remove(&e.mid);
+            if matches!(e.state, State::AwaitingAck { .. }) {
+                self.outstanding -= 1;
+            }
+        }
     }
 
     /// Sends the CON request `datagram` (its Message ID is replaced by one of this leg; its
@@ -187,9 +209,7 @@ impl OriginLink {
     /// Forgets the exchange with `token` (its requester gave up); frees its NSTART slot.
     pub fn cancel(&mut self, now: Instant, token: &[u8]) {
         self.queue.retain(|q| q.token != token);
-        if let Some(e) = self.active.remove(token) {
-            self.by_mid.remove(&e.mid);
-        }
+        self.remove_active(token);
         self.start_queued(now);
     }
 
@@ -212,6 +232,7 @@ impl OriginLink {
                 .mul_f64(1.0 + q.random.clamp(0.0, 1.0) * (self.params.ack_random_factor - 1.0));
             self.events.push_back(Event::Transmit(datagram.clone()));
             self.by_mid.insert(mid, q.token.clone());
+            self.outstanding += 1;
             self.active.insert(
                 q.token,
                 Exchange {
@@ -239,9 +260,7 @@ impl OriginLink {
     }
 
     fn finish(&mut self, now: Instant, token: &[u8], event: Event) {
-        if let Some(e) = self.active.remove(token) {
-            self.by_mid.remove(&e.mid);
-        }
+        self.remove_active(token);
         self.events.push_back(event);
         self.start_queued(now);
     }
@@ -275,6 +294,7 @@ impl OriginLink {
                             e.state = State::AwaitingSeparate {
                                 deadline: now + self.params.separate_response_timeout,
                             };
+                            self.outstanding -= 1;
                         }
                     }
                     self.start_queued(now);

@@ -11,7 +11,6 @@
 
 pub mod link;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +20,13 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
+
+use super::busy_poll::Activity;
+use super::mmsg::{send_batch, RecvBatch, SEND_BATCH};
+use super::FastMap;
 use crate::client::transport::random_bytes;
 pub use link::{Event, LinkError, LinkParams, OriginLink};
 
@@ -29,6 +35,8 @@ pub const MAX_ORIGINS: usize = 1024;
 /// A link with nothing in flight for this long is closed (it keeps answering
 /// retransmitted CON responses until then; RFC 7252 §4.8.2 EXCHANGE_LIFETIME).
 pub const IDLE_CLOSE: Duration = Duration::from_secs(247);
+/// Datagrams taken from an origin's socket per recvmmsg call, at most.
+const LINK_RECV_BATCH: usize = 16;
 /// Requests waiting in a link's channel, at most.
 const CHANNEL: usize = 256;
 
@@ -62,15 +70,25 @@ impl UpstreamError {
 
 struct Submit {
     datagram: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<u8>, UpstreamError>>,
+    reply: oneshot::Sender<Reply>,
 }
 
-type Links = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Submit>>>>;
+/// A link task's answer to a `Submit`.
+enum Reply {
+    Done(Result<Vec<u8>, UpstreamError>),
+    /// The link closed (idle) before taking the request: here it is back, to send on a
+    /// new link (no copy of every request is kept for this rare case).
+    Closed(Vec<u8>),
+}
+
+type Links = Arc<Mutex<FastMap<SocketAddr, mpsc::Sender<Submit>>>>;
 
 /// The links to every origin this gateway talks to.
 pub struct Upstream {
     params: LinkParams,
     links: Links,
+    /// Told of every datagram from an origin (busy polling, `super::busy_poll`).
+    activity: Option<Arc<Activity>>,
 }
 
 impl Upstream {
@@ -78,7 +96,14 @@ impl Upstream {
         Self {
             params,
             links: Arc::default(),
+            activity: None,
         }
+    }
+
+    /// Reports datagrams from origins to `activity` (busy polling).
+    pub fn with_activity(mut self, activity: Option<Arc<Activity>>) -> Self {
+        self.activity = activity;
+        self
     }
 
     pub fn params(&self) -> LinkParams {
@@ -94,19 +119,20 @@ impl Upstream {
         datagram: Vec<u8>,
     ) -> Result<Vec<u8>, UpstreamError> {
         // A link that closed for idleness between lookup and send: open a new one, once.
+        let mut datagram = datagram;
         for _ in 0..2 {
             let tx = self.link(peer).await?;
             let (reply, rx) = oneshot::channel();
-            let submit = Submit {
-                datagram: datagram.clone(),
-                reply,
-            };
-            if tx.send(submit).await.is_err() {
+            if let Err(mpsc::error::SendError(back)) = tx.send(Submit { datagram, reply }).await {
+                datagram = back.datagram;
                 continue;
             }
             match rx.await {
-                Ok(Err(UpstreamError::Closed { .. })) | Err(_) => continue,
-                Ok(r) => return r,
+                Ok(Reply::Done(r)) => return r,
+                Ok(Reply::Closed(back)) => datagram = back,
+                // the link task ended without answering (it cannot while it holds the
+                // request; only if it panicked)
+                Err(_) => break,
             }
         }
         Err(UpstreamError::Closed { peer })
@@ -153,6 +179,7 @@ impl Upstream {
             rx,
             Arc::clone(&self.links),
             tx.downgrade(),
+            self.activity.clone(),
         ));
         Ok(tx)
     }
@@ -166,6 +193,27 @@ fn random_unit() -> f64 {
     f64::from(u16::from_be_bytes(random_bytes::<2>())) / f64::from(u16::MAX)
 }
 
+/// Hands one request to the link; its requester is answered when the link says so.
+fn submit(
+    link: &mut OriginLink,
+    waiting: &mut FastMap<Vec<u8>, oneshot::Sender<Reply>>,
+    peer: SocketAddr,
+    now: std::time::Instant,
+    Submit { datagram, reply }: Submit,
+) {
+    let token = crate::coap::MessageView::parse(&datagram)
+        .map(|v| v.token.to_vec())
+        .unwrap_or_default();
+    match link.submit(now, datagram, random_unit()) {
+        Ok(()) => {
+            waiting.insert(token, reply);
+        }
+        Err(source) => {
+            let _ = reply.send(Reply::Done(Err(UpstreamError::Link { peer, source })));
+        }
+    }
+}
+
 /// The task of one origin: feeds the socket, the requests and the clock into the link and
 /// carries out its events.
 async fn drive(
@@ -175,38 +223,50 @@ async fn drive(
     mut rx: mpsc::Receiver<Submit>,
     links: Links,
     me: mpsc::WeakSender<Submit>,
+    activity: Option<Arc<Activity>>,
 ) {
-    let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<Vec<u8>, UpstreamError>>> =
-        HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    let mut waiting: FastMap<Vec<u8>, oneshot::Sender<Reply>> = FastMap::default();
+    let mut batch = RecvBatch::new(LINK_RECV_BATCH);
+    let mut outgoing: Vec<Vec<u8>> = Vec::with_capacity(SEND_BATCH);
+    let fd = socket.as_raw_fd();
     let mut idle_since = Instant::now();
+    // One timer for the link, armed lazily (re-arming a timer per datagram was a timer
+    // wheel insertion and removal each time): `armed` is never later than the link's
+    // next deadline. Every deadline the link sets is at least `lead` after the moment it
+    // is set, so after each event it suffices to pull `armed` in to now + lead when it is
+    // further away; when it fires, it is set to the link's true next deadline.
+    let params = link.params();
+    let lead = params.ack_timeout.min(params.separate_response_timeout);
+    let mut armed = idle_since + IDLE_CLOSE;
+    let sleep = tokio::time::sleep_until(armed);
+    tokio::pin!(sleep);
     loop {
-        let wake = link
-            .poll_timeout()
-            .map(Instant::from_std)
-            .unwrap_or(idle_since + IDLE_CLOSE);
         tokio::select! {
             cmd = rx.recv() => {
-                let Some(Submit { datagram, reply }) = cmd else { break };
-                let token = crate::coap::MessageView::parse(&datagram)
-                    .map(|v| v.token.to_vec())
-                    .unwrap_or_default();
-                match link.submit(Instant::now().into_std(), datagram, random_unit()) {
-                    Ok(()) => {
-                        waiting.insert(token, reply);
-                    }
-                    Err(source) => {
-                        let _ = reply.send(Err(UpstreamError::Link { peer, source }));
-                    }
+                let Some(first) = cmd else { break };
+                let now = Instant::now().into_std();
+                submit(&mut link, &mut waiting, peer, now, first);
+                // and the requests queued behind it: their datagrams leave in one sendmmsg
+                for _ in 1..SEND_BATCH {
+                    let Ok(next) = rx.try_recv() else { break };
+                    submit(&mut link, &mut waiting, peer, now, next);
                 }
             }
-            r = socket.recv(&mut buf) => match r {
-                Ok(n) => link.handle_datagram(Instant::now().into_std(), &buf[..n]),
+            r = socket.async_io(Interest::READABLE, || batch.recv(fd)) => match r {
+                Ok(n) => {
+                    if let Some(a) = &activity {
+                        a.touch();
+                    }
+                    let now = Instant::now().into_std();
+                    for i in 0..n {
+                        link.handle_datagram(now, batch.get(i).0);
+                    }
+                }
                 // ICMP port unreachable (ECONNREFUSED on a connected socket) and the like:
                 // treat as loss, retransmission goes on.
                 Err(e) => tracing::debug!("recv from {peer}: {e}"),
             },
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut sleep => {
                 let now = Instant::now().into_std();
                 // requesters that gave up (e.g. the gateway's upstream timeout)
                 let gone: Vec<Vec<u8>> = waiting
@@ -222,32 +282,57 @@ async fn drive(
                 if link.is_empty() && Instant::now() >= idle_since + IDLE_CLOSE {
                     break;
                 }
+                armed = link
+                    .poll_timeout()
+                    .map(Instant::from_std)
+                    .unwrap_or(idle_since + IDLE_CLOSE);
+                sleep.as_mut().reset(armed);
             }
         }
         while let Some(ev) = link.poll_event() {
             match ev {
-                Event::Transmit(d) => {
-                    if let Err(e) = socket.send(&d).await {
-                        tracing::debug!("send to {peer}: {e}");
-                    }
-                }
+                Event::Transmit(d) => outgoing.push(d),
                 Event::Response { token, datagram } => {
                     if let Some(tx) = waiting.remove(&token) {
-                        let _ = tx.send(Ok(datagram));
+                        let _ = tx.send(Reply::Done(Ok(datagram)));
                     }
                 }
                 Event::Failed { token, error } => {
                     if let Some(tx) = waiting.remove(&token) {
-                        let _ = tx.send(Err(UpstreamError::Link {
+                        let _ = tx.send(Reply::Done(Err(UpstreamError::Link {
                             peer,
                             source: error,
-                        }));
+                        })));
                     }
                 }
             }
         }
+        // In the order the link made them (the origin's replay window sees sequence
+        // numbers in order), in batches.
+        let mut sent = 0;
+        while sent < outgoing.len() {
+            let rest = &outgoing[sent..];
+            match socket
+                .async_io(Interest::WRITABLE, || send_batch(fd, rest))
+                .await
+            {
+                Ok(n) => sent += n.max(1),
+                Err(e) => {
+                    // e.g. ICMP port unreachable on the connected socket: like loss,
+                    // retransmission goes on
+                    tracing::debug!("send to {peer}: {e}");
+                    sent += 1;
+                }
+            }
+        }
+        outgoing.clear();
         if !link.is_empty() {
-            idle_since = Instant::now();
+            let now = Instant::now();
+            idle_since = now;
+            if armed > now + lead {
+                armed = now + lead;
+                sleep.as_mut().reset(armed);
+            }
         }
     }
     // Closing: no new requests reach this task; those already sent are told to retry.
@@ -261,7 +346,7 @@ async fn drive(
         }
     }
     rx.close();
-    while let Ok(Submit { reply, .. }) = rx.try_recv() {
-        let _ = reply.send(Err(UpstreamError::Closed { peer }));
+    while let Ok(Submit { datagram, reply }) = rx.try_recv() {
+        let _ = reply.send(Reply::Closed(datagram));
     }
 }
