@@ -99,8 +99,7 @@ fn main() {
             )
             .unwrap();
             let server_binding =
-                unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut back)
-                    .unwrap();
+                unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut back).unwrap();
             let payload = vec![0x5a; size];
             let plain = message(
                 MessageType::Acknowledgement,

@@ -17,7 +17,7 @@ use super::cose::{Nonce, OscoreOption};
 use super::error::{OscoreError, UninitializedWindow};
 use super::options::{class, keep_outer_on_unprotect, OptionClass};
 use super::params::HexBytes;
-use super::protect::{aad_for, nonce, open_error, RequestBinding};
+use super::protect::{aad_for, nonce, open_error, OptionList, RequestBinding, ShortBytes};
 
 /// The identifiers a server looks its security context up by (§6.1, §8.2 step 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,14 +88,21 @@ fn refuse_outer_blockwise(m: &MessageView<'_>) -> Result<(), OscoreError> {
     Ok(())
 }
 
-/// Decrypts the outer payload into `out` as a datagram with the outer type, Message ID and
-/// token and the inner code, options and payload.
-fn open_into(
+/// Plaintext of a message up to a usual CoAP datagram size, on the stack; larger ones spill
+/// to the heap.
+type PlainBuf = super::stackbuf::StackBuf<1280>;
+
+/// Verifies and decrypts the outer payload into `plain` as a pseudo-datagram that
+/// [`MessageView::parse`] reads as the inner message: three header bytes in front of the
+/// plaintext (code, options, payload; §5.3) put its code byte where a Message ID's second
+/// byte goes, and the code is copied to the header's code byte. Token: none; Message ID and
+/// type are meaningless (the outer ones are used).
+fn open_plain(
     outer: &MessageView<'_>,
     key: &AeadKey,
     nonce: &Nonce,
     aad: &[u8],
-    out: &mut Vec<u8>,
+    plain: &mut PlainBuf,
 ) -> Result<(), OscoreError> {
     let tag_len = key.algorithm().tag_len();
     // +1: the plaintext holds at least the code (aiocoap: "Ciphertext too short").
@@ -105,40 +112,44 @@ fn open_into(
             tag_len,
         });
     }
-    // Header with a placeholder code; the decrypted code byte is moved into it below.
-    MessageBuilder::new(out, outer.mtype, Code::EMPTY, outer.message_id, outer.token)?.finish();
-    let start = out.len();
-    out.extend_from_slice(outer.payload);
-    key.decrypt_in_place(nonce.as_bytes(), aad, out, start)
+    let (body, tag) = outer.payload.split_at(outer.payload.len() - tag_len);
+    plain.put(&[0x40, 0, 0]);
+    plain.put(body);
+    let text = plain.as_mut_slice().get_mut(3..).unwrap_or_default();
+    key.decrypt_detached(nonce.as_bytes(), aad, text, tag)
         .map_err(open_error)?;
-    let code = *out.get(start).ok_or(OscoreError::DecryptionFailed)?;
-    if let Some(c) = out.get_mut(1) {
+    let code = *plain.get(3).ok_or(OscoreError::DecryptionFailed)?;
+    if let Some(c) = plain.as_mut_slice().get_mut(1) {
         *c = code;
     }
-    out.remove(start);
     Ok(())
 }
 
-/// Rewrites `out` (a plain datagram) with options chosen by `keep` plus `extra` options.
-fn rebuild(
+/// Writes the plain result into `out`: the outer type, Message ID and token, the inner code,
+/// the inner options `keep_inner` accepts merged with `extra`, and the inner payload.
+fn write_plain(
     out: &mut Vec<u8>,
-    keep: impl Fn(u16) -> bool,
+    outer: &MessageView<'_>,
+    inner: &MessageView<'_>,
+    keep_inner: impl Fn(u16) -> bool,
     extra: &[(u16, &[u8])],
 ) -> Result<(), OscoreError> {
-    let plain = out.clone();
-    let view = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
-    let mut opts: Vec<(u16, &[u8])> = view
-        .options()
-        .filter(|o| keep(o.number))
-        .map(|o| (o.number, o.value))
-        .collect();
-    opts.extend_from_slice(extra);
-    sort_options(&mut opts);
-    let mut b = MessageBuilder::new(out, view.mtype, view.code, view.message_id, view.token)?;
+    let mut opts = OptionList::new();
+    opts.extend(
+        inner
+            .options()
+            .filter(|o| keep_inner(o.number))
+            .map(|o| (o.number, o.value)),
+    );
+    if !extra.is_empty() {
+        opts.extend_from_slice(extra);
+        sort_options(&mut opts);
+    }
+    let mut b = MessageBuilder::new(out, outer.mtype, inner.code, outer.message_id, outer.token)?;
     for (n, v) in &opts {
         b.option(*n, v)?;
     }
-    b.payload(view.payload);
+    b.payload(inner.payload);
     Ok(())
 }
 
@@ -197,9 +208,10 @@ fn unprotect_request_inner(
 
     let nonce = nonce(ctx.common_iv(), ctx.recipient_id(), piv)?;
     let aad = aad_for(ctx, ctx.recipient_id(), piv);
-    open_into(request, ctx.recipient_key(), &nonce, &aad, out)?;
+    let mut plain = PlainBuf::new();
+    open_plain(request, ctx.recipient_key(), &nonce, &aad, &mut plain)?;
 
-    let inner = MessageView::parse(out).map_err(OscoreError::InnerDecode)?;
+    let inner = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
     if !inner.code.is_request() {
         return Err(OscoreError::InnerCode {
             code: inner.code,
@@ -208,34 +220,28 @@ fn unprotect_request_inner(
     }
     // §4.1.3.5.1 as aiocoap applies it: the inner Observe counts only with outer Observe 0.
     let keep_observe = request.option(number::OBSERVE).and_then(decode_uint) == Some(0);
-    let drops_inner = inner.options().any(|o| {
-        class(o.number) == OptionClass::U || (o.number == number::OBSERVE && !keep_observe)
-    });
-    let outer_kept: Vec<(u16, &[u8])> = request
+    let outer_kept: OptionList<'_> = request
         .options()
         .filter(|o| keep_outer_on_unprotect(o.number, true))
         .map(|o| (o.number, o.value))
         .collect();
-    if drops_inner || !outer_kept.is_empty() {
-        rebuild(
-            out,
-            |n| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe),
-            &outer_kept,
-        )?;
-    }
+    write_plain(
+        out,
+        request,
+        &inner,
+        |n| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe),
+        &outer_kept,
+    )?;
 
     let binding = RequestBinding {
-        kid: ctx.recipient_id().to_vec(),
-        piv: piv.to_vec(),
-        kid_context: option.kid_context.map(<[u8]>::to_vec),
+        kid: ShortBytes::from_slice(ctx.recipient_id()),
+        piv: ShortBytes::from_slice(piv),
+        kid_context: option.kid_context.map(ShortBytes::from_slice),
         outer_code: request.code,
         can_reuse_nonce: initialized,
     };
     if !initialized {
-        let echo = MessageView::parse(out)
-            .map_err(OscoreError::InnerDecode)?
-            .option(number::ECHO)
-            .map(<[u8]>::to_vec);
+        let echo = inner.option(number::ECHO).map(<[u8]>::to_vec);
         return Err(OscoreError::ReplayWindowUninitialized(Box::new(
             UninitializedWindow {
                 binding,
@@ -318,14 +324,13 @@ fn unprotect_response_inner(
         None => nonce(ctx.common_iv(), &binding.kid, &binding.piv)?,
     };
     let aad = aad_for(ctx, &binding.kid, &binding.piv);
-    open_into(response, ctx.recipient_key(), &nonce, &aad, out)?;
+    let mut plain = PlainBuf::new();
+    open_plain(response, ctx.recipient_key(), &nonce, &aad, &mut plain)?;
 
-    let inner_code = MessageView::parse(out)
-        .map_err(OscoreError::InnerDecode)?
-        .code;
-    if !inner_code.is_response() {
+    let inner = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
+    if !inner.code.is_response() {
         return Err(OscoreError::InnerCode {
-            code: inner_code,
+            code: inner.code,
             expected: "response code",
         });
     }
@@ -341,11 +346,15 @@ fn unprotect_response_inner(
     if outer_observe.is_some() {
         let mut buf = [0u8; 8];
         let ordering = encode_uint(partial_iv.unwrap_or(0) & 0xFF_FFFF, &mut buf);
-        rebuild(
+        write_plain(
             out,
+            response,
+            &inner,
             |n| n != number::OBSERVE,
             &[(number::OBSERVE, ordering)],
         )?;
+    } else {
+        write_plain(out, response, &inner, |_| true, &[])?;
     }
 
     let mut replay_window_initialized = false;
