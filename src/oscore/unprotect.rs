@@ -88,6 +88,37 @@ fn refuse_outer_blockwise(m: &MessageView<'_>) -> Result<(), OscoreError> {
     Ok(())
 }
 
+/// Decrypts the outer payload into `out` as a datagram with the outer type, Message ID and
+/// token and the inner code, options and payload.
+fn open_into(
+    outer: &MessageView<'_>,
+    key: &AeadKey,
+    nonce: &Nonce,
+    aad: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), OscoreError> {
+    let tag_len = key.algorithm().tag_len();
+    // +1: the plaintext holds at least the code (aiocoap: "Ciphertext too short").
+    if outer.payload.len() < tag_len + 1 {
+        return Err(OscoreError::CiphertextTooShort {
+            len: outer.payload.len(),
+            tag_len,
+        });
+    }
+    // Header with a placeholder code; the decrypted code byte is moved into it below.
+    MessageBuilder::new(out, outer.mtype, Code::EMPTY, outer.message_id, outer.token)?.finish();
+    let start = out.len();
+    out.extend_from_slice(outer.payload);
+    key.decrypt_in_place(nonce.as_bytes(), aad, out, start)
+        .map_err(open_error)?;
+    let code = *out.get(start).ok_or(OscoreError::DecryptionFailed)?;
+    if let Some(c) = out.get_mut(1) {
+        *c = code;
+    }
+    out.remove(start);
+    Ok(())
+}
+
 /// Plaintext of a message up to a usual CoAP datagram size, on the stack; larger ones spill
 /// to the heap.
 type PlainBuf = super::stackbuf::StackBuf<1280>;
@@ -153,6 +184,38 @@ fn write_plain(
     Ok(())
 }
 
+/// Rewrites `out` (a plain datagram) with the options `keep` accepts merged with `extra`
+/// (the rare case where that is only known after decryption).
+fn rebuild(
+    out: &mut Vec<u8>,
+    keep: impl Fn(u16) -> bool,
+    extra: &[(u16, &[u8])],
+) -> Result<(), OscoreError> {
+    let mut plain = PlainBuf::new();
+    plain.put(out);
+    let view = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
+    write_plain(out, &view, &view, keep, extra)
+}
+
+/// Checks the decrypted request's code and returns its Echo when the replay window is
+/// uninitialised (App. B.1.2 needs it; read before the result is rewritten).
+fn check_inner_request(
+    inner: &MessageView<'_>,
+    initialized: bool,
+) -> Result<Option<Vec<u8>>, OscoreError> {
+    if !inner.code.is_request() {
+        return Err(OscoreError::InnerCode {
+            code: inner.code,
+            expected: "request method",
+        });
+    }
+    Ok(if initialized {
+        None
+    } else {
+        inner.option(number::ECHO).map(<[u8]>::to_vec)
+    })
+}
+
 fn clear_on_err<T>(out: &mut Vec<u8>, r: Result<T, OscoreError>) -> Result<T, OscoreError> {
     match &r {
         Err(OscoreError::ReplayWindowUninitialized(_)) | Ok(_) => {}
@@ -208,30 +271,33 @@ fn unprotect_request_inner(
 
     let nonce = nonce(ctx.common_iv(), ctx.recipient_id(), piv)?;
     let aad = aad_for(ctx, ctx.recipient_id(), piv);
-    let mut plain = PlainBuf::new();
-    open_plain(request, ctx.recipient_key(), &nonce, &aad, &mut plain)?;
-
-    let inner = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
-    if !inner.code.is_request() {
-        return Err(OscoreError::InnerCode {
-            code: inner.code,
-            expected: "request method",
-        });
-    }
     // §4.1.3.5.1 as aiocoap applies it: the inner Observe counts only with outer Observe 0.
     let keep_observe = request.option(number::OBSERVE).and_then(decode_uint) == Some(0);
+    let keep_inner = |n: u16| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe);
     let outer_kept: OptionList<'_> = request
         .options()
         .filter(|o| keep_outer_on_unprotect(o.number, true))
         .map(|o| (o.number, o.value))
         .collect();
-    write_plain(
-        out,
-        request,
-        &inner,
-        |n| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe),
-        &outer_kept,
-    )?;
+    // With outer options to merge in, decrypt to the stack and write the result once;
+    // otherwise decrypt straight into `out` and rewrite only if the plaintext holds options
+    // to drop.
+    let echo = if outer_kept.is_empty() {
+        open_into(request, ctx.recipient_key(), &nonce, &aad, out)?;
+        let inner = MessageView::parse(out).map_err(OscoreError::InnerDecode)?;
+        let echo = check_inner_request(&inner, initialized)?;
+        if inner.options().any(|o| !keep_inner(o.number)) {
+            rebuild(out, keep_inner, &[])?;
+        }
+        echo
+    } else {
+        let mut plain = PlainBuf::new();
+        open_plain(request, ctx.recipient_key(), &nonce, &aad, &mut plain)?;
+        let inner = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
+        let echo = check_inner_request(&inner, initialized)?;
+        write_plain(out, request, &inner, keep_inner, &outer_kept)?;
+        echo
+    };
 
     let binding = RequestBinding {
         kid: ShortBytes::from_slice(ctx.recipient_id()),
@@ -241,7 +307,6 @@ fn unprotect_request_inner(
         can_reuse_nonce: initialized,
     };
     if !initialized {
-        let echo = inner.option(number::ECHO).map(<[u8]>::to_vec);
         return Err(OscoreError::ReplayWindowUninitialized(Box::new(
             UninitializedWindow {
                 binding,
@@ -324,13 +389,14 @@ fn unprotect_response_inner(
         None => nonce(ctx.common_iv(), &binding.kid, &binding.piv)?,
     };
     let aad = aad_for(ctx, &binding.kid, &binding.piv);
-    let mut plain = PlainBuf::new();
-    open_plain(response, ctx.recipient_key(), &nonce, &aad, &mut plain)?;
+    open_into(response, ctx.recipient_key(), &nonce, &aad, out)?;
 
-    let inner = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
-    if !inner.code.is_response() {
+    let inner_code = MessageView::parse(out)
+        .map_err(OscoreError::InnerDecode)?
+        .code;
+    if !inner_code.is_response() {
         return Err(OscoreError::InnerCode {
-            code: inner.code,
+            code: inner_code,
             expected: "response code",
         });
     }
@@ -346,15 +412,11 @@ fn unprotect_response_inner(
     if outer_observe.is_some() {
         let mut buf = [0u8; 8];
         let ordering = encode_uint(partial_iv.unwrap_or(0) & 0xFF_FFFF, &mut buf);
-        write_plain(
+        rebuild(
             out,
-            response,
-            &inner,
             |n| n != number::OBSERVE,
             &[(number::OBSERVE, ordering)],
         )?;
-    } else {
-        write_plain(out, response, &inner, |_| true, &[])?;
     }
 
     let mut replay_window_initialized = false;
