@@ -186,7 +186,18 @@ fn protect_request_inner(
     }
     let piv = piv_of(ssn)?;
 
-    // First pass: find a Proxy-Uri and refuse what cannot be protected.
+    // Declared before the option lists, which borrow from them (declared after them, it
+    // would be dropped first; clippy does not see that).
+    #[allow(clippy::needless_late_init)]
+    let decomposed: Option<Decomposed>;
+    let mut port_buf = [0u8; 8];
+    let mut option_value = OptionValue::new();
+
+    // One pass: split the options by placement, find a Proxy-Uri and refuse what cannot
+    // be protected.
+    let mut inner = OptionList::new();
+    let mut outer = OptionList::new();
+    let mut observe = false;
     let mut proxy_uri = None;
     let mut has_uri_options = false;
     for o in request.options() {
@@ -198,18 +209,6 @@ fn protect_request_inner(
             }
             _ => {}
         }
-    }
-    if proxy_uri.is_some() && has_uri_options {
-        return Err(OscoreError::ProxyUriWithUriOptions);
-    }
-    let decomposed = proxy_uri.map(decompose_proxy_uri).transpose()?;
-    let mut port_buf = [0u8; 8];
-
-    let mut option_value = OptionValue::new();
-    let mut inner = OptionList::new();
-    let mut outer = OptionList::new();
-    let mut observe = false;
-    for o in request.options() {
         match placement(o.number) {
             Placement::Inner => inner.push((o.number, o.value)),
             Placement::Outer => outer.push((o.number, o.value)),
@@ -222,6 +221,10 @@ fn protect_request_inner(
             Placement::Decompose | Placement::Refuse => {}
         }
     }
+    if proxy_uri.is_some() && has_uri_options {
+        return Err(OscoreError::ProxyUriWithUriOptions);
+    }
+    decomposed = proxy_uri.map(decompose_proxy_uri).transpose()?;
     if let Some(d) = &decomposed {
         outer.push((number::PROXY_SCHEME, d.scheme.as_bytes()));
         outer.push((number::URI_HOST, d.host.as_bytes()));

@@ -252,14 +252,42 @@ fn unprotect_request_inner(
     request: &MessageView<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestBinding, OscoreError> {
-    let option = single_oscore_option(request)?;
+    // One pass over the outer options; the checks below keep their order.
+    let mut oscore_values = 0usize;
+    let mut oscore_value: &[u8] = &[];
+    let mut outer_observe = None;
+    let mut outer_blockwise = false;
+    let mut outer_kept = OptionList::new();
+    for o in request.options() {
+        match o.number {
+            number::OSCORE => {
+                if oscore_values == 0 {
+                    oscore_value = o.value;
+                }
+                oscore_values += 1;
+            }
+            number::OBSERVE => {
+                outer_observe.get_or_insert(o.value);
+            }
+            number::BLOCK1 | number::BLOCK2 => outer_blockwise = true,
+            n if keep_outer_on_unprotect(n, true) => outer_kept.push((n, o.value)),
+            _ => {}
+        }
+    }
+    let option = match oscore_values {
+        0 => return Err(OscoreError::NotProtected),
+        1 => OscoreOption::decode(oscore_value).map_err(OscoreError::Decode)?,
+        _ => return Err(OscoreError::RepeatedOscoreOption),
+    };
     if request.code != Code::POST && request.code != Code::FETCH {
         return Err(OscoreError::UnexpectedOuterCode(request.code));
     }
     check_ids(ctx, &option)?;
     let piv = option.partial_iv.ok_or(OscoreError::NoPartialIv)?;
     let sequence_number = piv.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-    refuse_outer_blockwise(request)?;
+    if outer_blockwise {
+        return Err(OscoreError::OuterBlockwise);
+    }
 
     let initialized = {
         let window = ctx.lock_replay_window();
@@ -272,13 +300,8 @@ fn unprotect_request_inner(
     let nonce = nonce(ctx.common_iv(), ctx.recipient_id(), piv)?;
     let aad = aad_for(ctx, ctx.recipient_id(), piv);
     // §4.1.3.5.1 as aiocoap applies it: the inner Observe counts only with outer Observe 0.
-    let keep_observe = request.option(number::OBSERVE).and_then(decode_uint) == Some(0);
+    let keep_observe = outer_observe.and_then(decode_uint) == Some(0);
     let keep_inner = |n: u16| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe);
-    let outer_kept: OptionList<'_> = request
-        .options()
-        .filter(|o| keep_outer_on_unprotect(o.number, true))
-        .map(|o| (o.number, o.value))
-        .collect();
     // With outer options to merge in, decrypt to the stack and write the result once;
     // otherwise decrypt straight into `out` and rewrite only if the plaintext holds options
     // to drop.
