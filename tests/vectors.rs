@@ -274,8 +274,8 @@ fn response_vectors_c7_and_c8() {
         let mut scratch = Vec::new();
         let server_binding =
             unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut scratch).unwrap();
-        assert_eq!(server_binding.kid, request_kid, "{id}");
-        assert_eq!(server_binding.piv, request_piv, "{id}");
+        assert_eq!(server_binding.kid.as_slice(), request_kid, "{id}");
+        assert_eq!(server_binding.piv.as_slice(), request_piv, "{id}");
 
         let plain = bytes(&inputs["unprotected_message"]);
         let own_piv =

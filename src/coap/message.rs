@@ -373,6 +373,16 @@ impl<'b> MessageBuilder<'b> {
         })
     }
 
+    /// Continues `out` (left as it is) with options whose first delta is relative to 0 and
+    /// an optional payload: e.g. an OSCORE plaintext (code, options, payload; RFC 8613 §5.3)
+    /// written right behind the outer message's payload marker.
+    pub fn append_options(out: &'b mut Vec<u8>) -> Self {
+        Self {
+            out,
+            last_number: 0,
+        }
+    }
+
     pub fn option(&mut self, number: u16, value: &[u8]) -> Result<&mut Self, CodecError> {
         if number < self.last_number {
             return Err(CodecError::OptionOrder {

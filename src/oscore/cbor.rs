@@ -6,30 +6,43 @@
 //! crate would add a dependency and allocations for five item kinds; the Appendix C vectors
 //! check every byte this module produces.
 
+/// Where items are written: a `Vec` or a stack buffer (`StackBuf`), so that the AAD of every
+/// message can be built without a heap allocation.
+pub(crate) trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Vec<u8> {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
 /// Writes an item head: major type `major` (0..=7) with argument `value`, in the shortest
 /// form (RFC 8949 §4.2.1, preferred serialization).
-fn head(out: &mut Vec<u8>, major: u8, value: u64) {
+fn head(out: &mut impl Sink, major: u8, value: u64) {
     let mt = major << 5;
     if let Ok(v) = u8::try_from(value) {
         if v < 24 {
-            out.push(mt | v);
+            out.put(&[mt | v]);
         } else {
-            out.extend_from_slice(&[mt | 24, v]);
+            out.put(&[mt | 24, v]);
         }
     } else if let Ok(v) = u16::try_from(value) {
-        out.push(mt | 25);
-        out.extend_from_slice(&v.to_be_bytes());
+        out.put(&[mt | 25]);
+        out.put(&v.to_be_bytes());
     } else if let Ok(v) = u32::try_from(value) {
-        out.push(mt | 26);
-        out.extend_from_slice(&v.to_be_bytes());
+        out.put(&[mt | 26]);
+        out.put(&v.to_be_bytes());
     } else {
-        out.push(mt | 27);
-        out.extend_from_slice(&value.to_be_bytes());
+        out.put(&[mt | 27]);
+        out.put(&value.to_be_bytes());
     }
 }
 
 /// An integer (major type 0 or 1).
-pub(crate) fn int(out: &mut Vec<u8>, value: i64) {
+pub(crate) fn int(out: &mut impl Sink, value: i64) {
     if value >= 0 {
         head(out, 0, value.unsigned_abs());
     } else {
@@ -39,25 +52,25 @@ pub(crate) fn int(out: &mut Vec<u8>, value: i64) {
 }
 
 /// A byte string (major type 2).
-pub(crate) fn bytes(out: &mut Vec<u8>, value: &[u8]) {
+pub(crate) fn bytes(out: &mut impl Sink, value: &[u8]) {
     head(out, 2, value.len() as u64);
-    out.extend_from_slice(value);
+    out.put(value);
 }
 
 /// A text string (major type 3).
-pub(crate) fn text(out: &mut Vec<u8>, value: &str) {
+pub(crate) fn text(out: &mut impl Sink, value: &str) {
     head(out, 3, value.len() as u64);
-    out.extend_from_slice(value.as_bytes());
+    out.put(value.as_bytes());
 }
 
 /// The head of an array of `len` items (major type 4).
-pub(crate) fn array(out: &mut Vec<u8>, len: usize) {
+pub(crate) fn array(out: &mut impl Sink, len: usize) {
     head(out, 4, len as u64);
 }
 
 /// `null` (major type 7, simple value 22).
-pub(crate) fn null(out: &mut Vec<u8>) {
-    out.push(0xF6);
+pub(crate) fn null(out: &mut impl Sink) {
+    out.put(&[0xF6]);
 }
 
 #[cfg(test)]

@@ -179,6 +179,11 @@ impl<'a> OscoreOption<'a> {
 
     /// Appends the encoded option value to `out` (empty when no field is present, §6.1).
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), CoseError> {
+        self.encode_into(out)
+    }
+
+    /// [`Self::encode`] into a `Vec` or a stack buffer.
+    pub(crate) fn encode_into(&self, out: &mut impl cbor::Sink) -> Result<(), CoseError> {
         let piv = self.partial_iv.unwrap_or_default();
         if piv.len() > MAX_PARTIAL_IV_LEN {
             return Err(CoseError::PartialIvLength { len: piv.len() });
@@ -196,14 +201,14 @@ impl<'a> OscoreOption<'a> {
         if flags == 0 {
             return Ok(());
         }
-        out.push(flags);
-        out.extend_from_slice(piv);
+        out.put(&[flags]);
+        out.put(piv);
         if let Some(ctx) = self.kid_context {
-            out.push(ctx.len() as u8);
-            out.extend_from_slice(ctx);
+            out.put(&[ctx.len() as u8]);
+            out.put(ctx);
         }
         if let Some(kid) = self.kid {
-            out.extend_from_slice(kid);
+            out.put(kid);
         }
         Ok(())
     }
@@ -278,6 +283,15 @@ pub fn external_aad(
     request_piv: &[u8],
     out: &mut Vec<u8>,
 ) {
+    external_aad_into(algorithm, request_kid, request_piv, out);
+}
+
+fn external_aad_into(
+    algorithm: AeadAlgorithm,
+    request_kid: &[u8],
+    request_piv: &[u8],
+    out: &mut impl cbor::Sink,
+) {
     cbor::array(out, 5);
     cbor::int(out, 1);
     cbor::array(out, 1);
@@ -290,8 +304,72 @@ pub fn external_aad(
 /// Appends the AEAD additional data (RFC 8613 §5.4, RFC 9052 §5.3): the `Enc_structure`
 /// `["Encrypt0", protected: h'', external_aad: bstr]`.
 pub fn aad(algorithm: AeadAlgorithm, request_kid: &[u8], request_piv: &[u8], out: &mut Vec<u8>) {
+    aad_into(algorithm, request_kid, request_piv, out);
+}
+
+/// Room for the AAD whenever kid and Partial IV are shorter than 24 bytes (at most 67 bytes;
+/// a kid that fits the nonce has at most 7); anything longer spills to the heap.
+pub(crate) type AadBuf = super::stackbuf::StackBuf<72>;
+
+/// [`aad`] into a stack buffer, with no allocation and no per-item calls: the common case
+/// (kid and Partial IV shorter than 24 bytes, algorithm id 0..=255, i.e. every one-byte CBOR
+/// length) is written out directly; anything else goes through [`cbor`]. Equal to [`aad`]
+/// (tested against it).
+pub(crate) fn aad_buf(algorithm: AeadAlgorithm, request_kid: &[u8], request_piv: &[u8]) -> AadBuf {
+    let mut out = AadBuf::new();
+    let alg = algorithm.cose_id();
+    let (kid_len, piv_len) = (request_kid.len(), request_piv.len());
+    let Ok(alg) = u8::try_from(alg) else {
+        aad_into(algorithm, request_kid, request_piv, &mut out);
+        return out;
+    };
+    if kid_len >= 24 || piv_len >= 24 {
+        aad_into(algorithm, request_kid, request_piv, &mut out);
+        return out;
+    }
+    let mut ext = [0u8; 56];
+    // [1, [alg], h'kid', h'piv', h''] (§5.4)
+    ext[..3].copy_from_slice(&[0x85, 0x01, 0x81]);
+    let mut n = 3;
+    if alg < 24 {
+        ext[n] = alg;
+        n += 1;
+    } else {
+        ext[n..n + 2].copy_from_slice(&[0x18, alg]);
+        n += 2;
+    }
+    ext[n] = 0x40 | kid_len as u8;
+    ext[n + 1..n + 1 + kid_len].copy_from_slice(request_kid);
+    n += 1 + kid_len;
+    ext[n] = 0x40 | piv_len as u8;
+    ext[n + 1..n + 1 + piv_len].copy_from_slice(request_piv);
+    n += 1 + piv_len;
+    ext[n] = 0x40;
+    n += 1;
+    // ["Encrypt0", h'', h'ext'] (RFC 9052 §5.3)
+    let mut aad = [0u8; 72];
+    aad[..11].copy_from_slice(b"\x83\x68Encrypt0\x40");
+    let mut m = 11;
+    if n < 24 {
+        aad[m] = 0x40 | n as u8;
+        m += 1;
+    } else {
+        aad[m..m + 2].copy_from_slice(&[0x58, n as u8]);
+        m += 2;
+    }
+    aad[m..m + n].copy_from_slice(&ext[..n]);
+    out.put(&aad[..m + n]);
+    out
+}
+
+fn aad_into(
+    algorithm: AeadAlgorithm,
+    request_kid: &[u8],
+    request_piv: &[u8],
+    out: &mut impl cbor::Sink,
+) {
     let mut ext = Vec::with_capacity(16 + request_kid.len() + request_piv.len());
-    external_aad(algorithm, request_kid, request_piv, &mut ext);
+    external_aad_into(algorithm, request_kid, request_piv, &mut ext);
     cbor::array(out, 3);
     cbor::text(out, "Encrypt0");
     cbor::bytes(out, &[]);
@@ -301,6 +379,27 @@ pub fn aad(algorithm: AeadAlgorithm, request_kid: &[u8], request_piv: &[u8], out
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The direct AAD writer equals the `cbor` one for every algorithm and for kid and
+    /// Partial IV lengths on both sides of the one-byte CBOR length limit.
+    #[test]
+    fn aad_buf_equals_aad() {
+        for alg in AeadAlgorithm::ALL {
+            for kid_len in [0usize, 1, 7, 8, 23, 24, 40, 300] {
+                for piv_len in [0usize, 1, 5, 23, 24] {
+                    let kid: Vec<u8> = (0..kid_len).map(|i| i as u8).collect();
+                    let piv: Vec<u8> = (0..piv_len).map(|i| 0xa0 ^ i as u8).collect();
+                    let mut expected = Vec::new();
+                    aad(alg, &kid, &piv, &mut expected);
+                    assert_eq!(
+                        aad_buf(alg, &kid, &piv).as_slice(),
+                        expected,
+                        "{alg} kid {kid_len} piv {piv_len}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn partial_iv_strips_leading_zeros() {

@@ -17,6 +17,7 @@ pub mod params;
 pub mod protect;
 pub mod replay;
 pub mod sequence;
+mod stackbuf;
 pub mod unprotect;
 
 pub use aead::{AeadError, AeadKey};
@@ -25,7 +26,7 @@ pub use context::{derive_keys, DeriveError, DerivedKeys, SecurityContext};
 pub use cose::{CoseError, OscoreOption, PartialIv};
 pub use error::{ErrorResponse, OscoreError, UninitializedWindow};
 pub use params::ContextParams;
-pub use protect::{protect_request, protect_response, RequestBinding};
+pub use protect::{protect_request, protect_response, RequestBinding, ShortBytes};
 pub use replay::{ReplayWindow, ReplayWindowState};
 pub use sequence::{SenderSequence, SenderSequenceNumber, SequenceError};
 pub use unprotect::{

@@ -9,14 +9,22 @@
 
 use crate::coap::option::encode_uint;
 use crate::coap::uri::default_port;
-use crate::coap::{number, sort_options, CoapUri, Code, MessageBuilder, MessageType, MessageView};
+use crate::coap::{number, sort_options, CoapUri, Code, MessageBuilder, MessageView};
 
 use super::aead::{AeadError, AeadKey};
 use super::context::SecurityContext;
-use super::cose::{self, CoseError, Nonce, OscoreOption, PartialIv};
+use super::cose::{self, AadBuf, CoseError, Nonce, OscoreOption, PartialIv};
 use super::error::OscoreError;
 use super::options::{placement, Placement};
 use super::sequence::SenderSequenceNumber;
+
+/// Bytes kept inline up to 16 (no allocation per request): a kid fits the nonce (at most
+/// 7 bytes, §5.2), a Partial IV is at most 5 bytes (§6.1); a longer kid context spills to the
+/// heap.
+pub type ShortBytes = smallvec::SmallVec<[u8; 16]>;
+
+/// Option lists of one message, on the stack unless a message has more than 16 options.
+pub(crate) type OptionList<'a> = smallvec::SmallVec<[(u16, &'a [u8]); 16]>;
 
 /// What a request's protection leaves behind for its response (§5.4 "request_kid",
 /// "request_piv"; aiocoap's `RequestIdentifiers`). The client keeps it from
@@ -25,11 +33,11 @@ use super::sequence::SenderSequenceNumber;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestBinding {
     /// The request's kid: the Sender ID of whoever sent the request.
-    pub kid: Vec<u8>,
+    pub kid: ShortBytes,
     /// The request's Partial IV, exactly as sent.
-    pub piv: Vec<u8>,
+    pub piv: ShortBytes,
     /// The kid context the request carried, if any.
-    pub kid_context: Option<Vec<u8>>,
+    pub kid_context: Option<ShortBytes>,
     /// The request's outer code: POST, or FETCH for Observe (§4.1.3.5). Selects the
     /// response's outer code, 2.04 or 2.05.
     pub outer_code: Code,
@@ -89,36 +97,19 @@ fn decompose_proxy_uri(value: &[u8]) -> Result<Decomposed, OscoreError> {
     })
 }
 
-/// Builds `code` + `inner` options + payload (§5.3) into `scratch` and returns the offset at
-/// which the plaintext starts (the code byte).
-fn build_plaintext(
-    scratch: &mut Vec<u8>,
-    code: Code,
-    inner: &[(u16, &[u8])],
-    payload: &[u8],
-) -> Result<usize, OscoreError> {
-    // The builder writes a 4-byte header (no token); the code byte is then moved right in
-    // front of the options so the plaintext is one contiguous slice.
-    let mut b = MessageBuilder::new(scratch, MessageType::Confirmable, code, 0, &[])?;
-    for (n, v) in inner {
-        b.option(*n, v)?;
-    }
-    b.payload(payload);
-    let slot = scratch
-        .get_mut(3)
-        .ok_or(OscoreError::Codec(crate::coap::CodecError::TooShort))?;
-    *slot = code.0;
-    Ok(3)
-}
-
-/// Writes the outer message with `plaintext` as payload and encrypts that payload in place.
+/// Writes the outer message (header, `outer_options`, payload marker) into `out`, the
+/// plaintext (§5.3: code, `inner` options, payload) right behind it as the payload, and
+/// encrypts that payload in place: no scratch buffer, the plaintext is built where the
+/// ciphertext goes.
 #[allow(clippy::too_many_arguments)]
-fn seal_into(
+fn seal(
     out: &mut Vec<u8>,
     outer: &MessageView<'_>,
     outer_code: Code,
     outer_options: &[(u16, &[u8])],
-    plaintext: &[u8],
+    code: Code,
+    inner: &[(u16, &[u8])],
+    payload: &[u8],
     key: &AeadKey,
     nonce: &Nonce,
     aad: &[u8],
@@ -127,11 +118,21 @@ fn seal_into(
     for (n, v) in outer_options {
         b.option(*n, v)?;
     }
-    b.payload(plaintext);
-    let start = out.len() - plaintext.len();
+    // The plaintext is never empty (it holds the code), so the marker is always there.
+    b.payload(&[code.0]);
+    let start = out.len() - 1;
+    let mut b = MessageBuilder::append_options(out);
+    for (n, v) in inner {
+        b.option(*n, v)?;
+    }
+    b.payload(payload);
     key.encrypt_in_place(nonce.as_bytes(), aad, out, start)
         .map_err(OscoreError::Aead)
 }
+
+/// An OSCORE option value on the stack: flags, Partial IV and a kid that fits the nonce
+/// take at most 13 bytes; a kid context longer than ~16 bytes spills to the heap.
+type OptionValue = super::stackbuf::StackBuf<32>;
 
 fn piv_of(ssn: SenderSequenceNumber) -> Result<PartialIv, OscoreError> {
     PartialIv::from_sequence_number(ssn).map_err(|e| match e {
@@ -144,10 +145,8 @@ pub(crate) fn nonce(common_iv: &[u8], id: &[u8], piv: &[u8]) -> Result<Nonce, Os
     Nonce::new(common_iv, id, piv).map_err(OscoreError::Decode)
 }
 
-pub(crate) fn aad_for(ctx: &SecurityContext, request_kid: &[u8], request_piv: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(24 + request_kid.len() + request_piv.len());
-    cose::aad(ctx.algorithm(), request_kid, request_piv, &mut aad);
-    aad
+pub(crate) fn aad_for(ctx: &SecurityContext, request_kid: &[u8], request_piv: &[u8]) -> AadBuf {
+    cose::aad_buf(ctx.algorithm(), request_kid, request_piv)
 }
 
 fn clear_on_err<T>(out: &mut Vec<u8>, r: Result<T, OscoreError>) -> Result<T, OscoreError> {
@@ -187,7 +186,18 @@ fn protect_request_inner(
     }
     let piv = piv_of(ssn)?;
 
-    // First pass: find a Proxy-Uri and refuse what cannot be protected.
+    // Declared before the option lists, which borrow from them (declared after them, it
+    // would be dropped first; clippy does not see that).
+    #[allow(clippy::needless_late_init)]
+    let decomposed: Option<Decomposed>;
+    let mut port_buf = [0u8; 8];
+    let mut option_value = OptionValue::new();
+
+    // One pass: split the options by placement, find a Proxy-Uri and refuse what cannot
+    // be protected.
+    let mut inner = OptionList::new();
+    let mut outer = OptionList::new();
+    let mut observe = false;
     let mut proxy_uri = None;
     let mut has_uri_options = false;
     for o in request.options() {
@@ -199,17 +209,6 @@ fn protect_request_inner(
             }
             _ => {}
         }
-    }
-    if proxy_uri.is_some() && has_uri_options {
-        return Err(OscoreError::ProxyUriWithUriOptions);
-    }
-    let decomposed = proxy_uri.map(decompose_proxy_uri).transpose()?;
-    let mut port_buf = [0u8; 8];
-
-    let mut inner: Vec<(u16, &[u8])> = Vec::with_capacity(8);
-    let mut outer: Vec<(u16, &[u8])> = Vec::with_capacity(4);
-    let mut observe = false;
-    for o in request.options() {
         match placement(o.number) {
             Placement::Inner => inner.push((o.number, o.value)),
             Placement::Outer => outer.push((o.number, o.value)),
@@ -222,6 +221,10 @@ fn protect_request_inner(
             Placement::Decompose | Placement::Refuse => {}
         }
     }
+    if proxy_uri.is_some() && has_uri_options {
+        return Err(OscoreError::ProxyUriWithUriOptions);
+    }
+    decomposed = proxy_uri.map(decompose_proxy_uri).transpose()?;
     if let Some(d) = &decomposed {
         outer.push((number::PROXY_SCHEME, d.scheme.as_bytes()));
         outer.push((number::URI_HOST, d.host.as_bytes()));
@@ -232,39 +235,40 @@ fn protect_request_inner(
         inner.extend(d.query.iter().map(|s| (number::URI_QUERY, s.as_bytes())));
     }
 
-    let mut option_value = Vec::with_capacity(16);
     OscoreOption {
         partial_iv: Some(piv.as_bytes()),
         kid_context: ctx.id_context(),
         kid: Some(ctx.sender_id()),
     }
-    .encode(&mut option_value)
+    .encode_into(&mut option_value)
     .map_err(OscoreError::Encode)?;
     outer.push((number::OSCORE, &option_value));
-    sort_options(&mut inner);
+    // The request's own options come in wire order; only the decomposed Proxy-Uri's
+    // (and, outer, the OSCORE option) need sorting in.
+    if decomposed.is_some() {
+        sort_options(&mut inner);
+    }
     sort_options(&mut outer);
-
-    let mut scratch = Vec::with_capacity(request.payload.len() + 64);
-    let at = build_plaintext(&mut scratch, request.code, &inner, request.payload)?;
-    let plaintext = scratch.get(at..).unwrap_or_default();
 
     let nonce = nonce(ctx.common_iv(), ctx.sender_id(), piv.as_bytes())?;
     let aad = aad_for(ctx, ctx.sender_id(), piv.as_bytes());
     let outer_code = if observe { Code::FETCH } else { Code::POST };
-    seal_into(
+    seal(
         out,
         request,
         outer_code,
         &outer,
-        plaintext,
+        request.code,
+        &inner,
+        request.payload,
         ctx.sender_key(),
         &nonce,
         &aad,
     )?;
     Ok(RequestBinding {
-        kid: ctx.sender_id().to_vec(),
-        piv: piv.as_bytes().to_vec(),
-        kid_context: ctx.id_context().map(<[u8]>::to_vec),
+        kid: ShortBytes::from_slice(ctx.sender_id()),
+        piv: ShortBytes::from_slice(piv.as_bytes()),
+        kid_context: ctx.id_context().map(ShortBytes::from_slice),
         outer_code,
         can_reuse_nonce: true,
     })
@@ -299,8 +303,9 @@ fn protect_response_inner(
     if !response.code.is_response() {
         return Err(OscoreError::NotAResponse(response.code));
     }
-    let mut inner: Vec<(u16, &[u8])> = Vec::with_capacity(8);
-    let mut outer: Vec<(u16, &[u8])> = Vec::with_capacity(3);
+    let mut option_value = OptionValue::new();
+    let mut inner = OptionList::new();
+    let mut outer = OptionList::new();
     for o in response.options() {
         if o.number == number::OBSERVE {
             inner.push((o.number, &[]));
@@ -334,23 +339,21 @@ fn protect_response_inner(
         ),
         None => return Err(OscoreError::NonceReuseForbidden),
     };
-    let mut option_value = Vec::with_capacity(8);
     option
-        .encode(&mut option_value)
+        .encode_into(&mut option_value)
         .map_err(OscoreError::Encode)?;
     outer.push((number::OSCORE, &option_value));
     sort_options(&mut outer);
 
-    let mut scratch = Vec::with_capacity(response.payload.len() + 64);
-    let at = build_plaintext(&mut scratch, response.code, &inner, response.payload)?;
-    let plaintext = scratch.get(at..).unwrap_or_default();
     let aad = aad_for(ctx, &binding.kid, &binding.piv);
-    seal_into(
+    seal(
         out,
         response,
         binding.response_outer_code(),
         &outer,
-        plaintext,
+        response.code,
+        &inner,
+        response.payload,
         ctx.sender_key(),
         &nonce,
         &aad,

@@ -2,7 +2,7 @@
 //! replay handling, kid checks, tampering, Proxy-Uri decomposition and Observe.
 
 use super::*;
-use crate::coap::CoapOption;
+use crate::coap::{CoapOption, MessageType};
 use crate::oscore::algorithm::HkdfAlgorithm;
 use crate::oscore::params::ContextParams;
 use crate::oscore::replay::{ReplayWindow, ReplayWindowState};
@@ -218,7 +218,7 @@ fn outer_message_layout() {
             (number::HOP_LIMIT, vec![16]),
         ]
     );
-    assert_eq!(binding.piv, vec![1, 2]);
+    assert_eq!(binding.piv.as_slice(), [1, 2]);
     assert_eq!(binding.sequence_number(), 0x0102);
     assert!(!wire.windows(6).any(|w| w == b"secret"));
 }

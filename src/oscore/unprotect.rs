@@ -17,7 +17,7 @@ use super::cose::{Nonce, OscoreOption};
 use super::error::{OscoreError, UninitializedWindow};
 use super::options::{class, keep_outer_on_unprotect, OptionClass};
 use super::params::HexBytes;
-use super::protect::{aad_for, nonce, open_error, RequestBinding};
+use super::protect::{aad_for, nonce, open_error, OptionList, RequestBinding, ShortBytes};
 
 /// The identifiers a server looks its security context up by (§6.1, §8.2 step 2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,27 +119,101 @@ fn open_into(
     Ok(())
 }
 
-/// Rewrites `out` (a plain datagram) with options chosen by `keep` plus `extra` options.
+/// Plaintext of a message up to a usual CoAP datagram size, on the stack; larger ones spill
+/// to the heap.
+type PlainBuf = super::stackbuf::StackBuf<1280>;
+
+/// Verifies and decrypts the outer payload into `plain` as a pseudo-datagram that
+/// [`MessageView::parse`] reads as the inner message: three header bytes in front of the
+/// plaintext (code, options, payload; §5.3) put its code byte where a Message ID's second
+/// byte goes, and the code is copied to the header's code byte. Token: none; Message ID and
+/// type are meaningless (the outer ones are used).
+fn open_plain(
+    outer: &MessageView<'_>,
+    key: &AeadKey,
+    nonce: &Nonce,
+    aad: &[u8],
+    plain: &mut PlainBuf,
+) -> Result<(), OscoreError> {
+    let tag_len = key.algorithm().tag_len();
+    // +1: the plaintext holds at least the code (aiocoap: "Ciphertext too short").
+    if outer.payload.len() < tag_len + 1 {
+        return Err(OscoreError::CiphertextTooShort {
+            len: outer.payload.len(),
+            tag_len,
+        });
+    }
+    let (body, tag) = outer.payload.split_at(outer.payload.len() - tag_len);
+    plain.put(&[0x40, 0, 0]);
+    plain.put(body);
+    let text = plain.as_mut_slice().get_mut(3..).unwrap_or_default();
+    key.decrypt_detached(nonce.as_bytes(), aad, text, tag)
+        .map_err(open_error)?;
+    let code = *plain.get(3).ok_or(OscoreError::DecryptionFailed)?;
+    if let Some(c) = plain.as_mut_slice().get_mut(1) {
+        *c = code;
+    }
+    Ok(())
+}
+
+/// Writes the plain result into `out`: the outer type, Message ID and token, the inner code,
+/// the inner options `keep_inner` accepts merged with `extra`, and the inner payload.
+fn write_plain(
+    out: &mut Vec<u8>,
+    outer: &MessageView<'_>,
+    inner: &MessageView<'_>,
+    keep_inner: impl Fn(u16) -> bool,
+    extra: &[(u16, &[u8])],
+) -> Result<(), OscoreError> {
+    let mut opts = OptionList::new();
+    opts.extend(
+        inner
+            .options()
+            .filter(|o| keep_inner(o.number))
+            .map(|o| (o.number, o.value)),
+    );
+    if !extra.is_empty() {
+        opts.extend_from_slice(extra);
+        sort_options(&mut opts);
+    }
+    let mut b = MessageBuilder::new(out, outer.mtype, inner.code, outer.message_id, outer.token)?;
+    for (n, v) in &opts {
+        b.option(*n, v)?;
+    }
+    b.payload(inner.payload);
+    Ok(())
+}
+
+/// Rewrites `out` (a plain datagram) with the options `keep` accepts merged with `extra`
+/// (the rare case where that is only known after decryption).
 fn rebuild(
     out: &mut Vec<u8>,
     keep: impl Fn(u16) -> bool,
     extra: &[(u16, &[u8])],
 ) -> Result<(), OscoreError> {
-    let plain = out.clone();
+    let mut plain = PlainBuf::new();
+    plain.put(out);
     let view = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
-    let mut opts: Vec<(u16, &[u8])> = view
-        .options()
-        .filter(|o| keep(o.number))
-        .map(|o| (o.number, o.value))
-        .collect();
-    opts.extend_from_slice(extra);
-    sort_options(&mut opts);
-    let mut b = MessageBuilder::new(out, view.mtype, view.code, view.message_id, view.token)?;
-    for (n, v) in &opts {
-        b.option(*n, v)?;
+    write_plain(out, &view, &view, keep, extra)
+}
+
+/// Checks the decrypted request's code and returns its Echo when the replay window is
+/// uninitialised (App. B.1.2 needs it; read before the result is rewritten).
+fn check_inner_request(
+    inner: &MessageView<'_>,
+    initialized: bool,
+) -> Result<Option<Vec<u8>>, OscoreError> {
+    if !inner.code.is_request() {
+        return Err(OscoreError::InnerCode {
+            code: inner.code,
+            expected: "request method",
+        });
     }
-    b.payload(view.payload);
-    Ok(())
+    Ok(if initialized {
+        None
+    } else {
+        inner.option(number::ECHO).map(<[u8]>::to_vec)
+    })
 }
 
 fn clear_on_err<T>(out: &mut Vec<u8>, r: Result<T, OscoreError>) -> Result<T, OscoreError> {
@@ -178,14 +252,42 @@ fn unprotect_request_inner(
     request: &MessageView<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestBinding, OscoreError> {
-    let option = single_oscore_option(request)?;
+    // One pass over the outer options; the checks below keep their order.
+    let mut oscore_values = 0usize;
+    let mut oscore_value: &[u8] = &[];
+    let mut outer_observe = None;
+    let mut outer_blockwise = false;
+    let mut outer_kept = OptionList::new();
+    for o in request.options() {
+        match o.number {
+            number::OSCORE => {
+                if oscore_values == 0 {
+                    oscore_value = o.value;
+                }
+                oscore_values += 1;
+            }
+            number::OBSERVE => {
+                outer_observe.get_or_insert(o.value);
+            }
+            number::BLOCK1 | number::BLOCK2 => outer_blockwise = true,
+            n if keep_outer_on_unprotect(n, true) => outer_kept.push((n, o.value)),
+            _ => {}
+        }
+    }
+    let option = match oscore_values {
+        0 => return Err(OscoreError::NotProtected),
+        1 => OscoreOption::decode(oscore_value).map_err(OscoreError::Decode)?,
+        _ => return Err(OscoreError::RepeatedOscoreOption),
+    };
     if request.code != Code::POST && request.code != Code::FETCH {
         return Err(OscoreError::UnexpectedOuterCode(request.code));
     }
     check_ids(ctx, &option)?;
     let piv = option.partial_iv.ok_or(OscoreError::NoPartialIv)?;
     let sequence_number = piv.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
-    refuse_outer_blockwise(request)?;
+    if outer_blockwise {
+        return Err(OscoreError::OuterBlockwise);
+    }
 
     let initialized = {
         let window = ctx.lock_replay_window();
@@ -197,45 +299,37 @@ fn unprotect_request_inner(
 
     let nonce = nonce(ctx.common_iv(), ctx.recipient_id(), piv)?;
     let aad = aad_for(ctx, ctx.recipient_id(), piv);
-    open_into(request, ctx.recipient_key(), &nonce, &aad, out)?;
-
-    let inner = MessageView::parse(out).map_err(OscoreError::InnerDecode)?;
-    if !inner.code.is_request() {
-        return Err(OscoreError::InnerCode {
-            code: inner.code,
-            expected: "request method",
-        });
-    }
     // §4.1.3.5.1 as aiocoap applies it: the inner Observe counts only with outer Observe 0.
-    let keep_observe = request.option(number::OBSERVE).and_then(decode_uint) == Some(0);
-    let drops_inner = inner.options().any(|o| {
-        class(o.number) == OptionClass::U || (o.number == number::OBSERVE && !keep_observe)
-    });
-    let outer_kept: Vec<(u16, &[u8])> = request
-        .options()
-        .filter(|o| keep_outer_on_unprotect(o.number, true))
-        .map(|o| (o.number, o.value))
-        .collect();
-    if drops_inner || !outer_kept.is_empty() {
-        rebuild(
-            out,
-            |n| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe),
-            &outer_kept,
-        )?;
-    }
+    let keep_observe = outer_observe.and_then(decode_uint) == Some(0);
+    let keep_inner = |n: u16| class(n) != OptionClass::U && (n != number::OBSERVE || keep_observe);
+    // With outer options to merge in, decrypt to the stack and write the result once;
+    // otherwise decrypt straight into `out` and rewrite only if the plaintext holds options
+    // to drop.
+    let echo = if outer_kept.is_empty() {
+        open_into(request, ctx.recipient_key(), &nonce, &aad, out)?;
+        let inner = MessageView::parse(out).map_err(OscoreError::InnerDecode)?;
+        let echo = check_inner_request(&inner, initialized)?;
+        if inner.options().any(|o| !keep_inner(o.number)) {
+            rebuild(out, keep_inner, &[])?;
+        }
+        echo
+    } else {
+        let mut plain = PlainBuf::new();
+        open_plain(request, ctx.recipient_key(), &nonce, &aad, &mut plain)?;
+        let inner = MessageView::parse(&plain).map_err(OscoreError::InnerDecode)?;
+        let echo = check_inner_request(&inner, initialized)?;
+        write_plain(out, request, &inner, keep_inner, &outer_kept)?;
+        echo
+    };
 
     let binding = RequestBinding {
-        kid: ctx.recipient_id().to_vec(),
-        piv: piv.to_vec(),
-        kid_context: option.kid_context.map(<[u8]>::to_vec),
+        kid: ShortBytes::from_slice(ctx.recipient_id()),
+        piv: ShortBytes::from_slice(piv),
+        kid_context: option.kid_context.map(ShortBytes::from_slice),
         outer_code: request.code,
         can_reuse_nonce: initialized,
     };
     if !initialized {
-        let echo = MessageView::parse(out)
-            .map_err(OscoreError::InnerDecode)?
-            .option(number::ECHO)
-            .map(<[u8]>::to_vec);
         return Err(OscoreError::ReplayWindowUninitialized(Box::new(
             UninitializedWindow {
                 binding,
