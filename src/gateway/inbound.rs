@@ -30,7 +30,6 @@ use crate::oscore::{
     RequestBinding,
 };
 
-use super::contexts::find_credential;
 use super::passthrough::{context_not_found, passthrough_target};
 use super::server_contexts::ServerContext;
 use super::target::{
@@ -261,22 +260,7 @@ impl Gateway {
             )
         };
         // A target that has a credential is OSCORE-only: never sent in plain text.
-        let credential = match &self.credentials {
-            None => None,
-            Some(map) => find_credential(map, &target.uri).map_err(|e| {
-                Refusal::new(
-                    Code::SERVICE_UNAVAILABLE,
-                    format!("credential for {uri}: {e}"),
-                )
-            })?,
-        };
-        if let Some((_, cred)) = credential {
-            let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
-                Refusal::new(
-                    Code::SERVICE_UNAVAILABLE,
-                    format!("OSCORE context for {uri} cannot be used: {e}"),
-                )
-            })?;
+        if let Some(protection) = self.oscore_protection_for(&target).await? {
             return self
                 .forward_bounded(&*protection, &request, &target, hop_limit)
                 .await;

@@ -206,26 +206,9 @@ impl Gateway {
                     inbound::refuse_plain(route, i)?;
                 }
             }
-            let uri = target.uri.matching_uri();
-            let Some(map) = &self.credentials else {
+            let Some(protection) = self.oscore_protection_for(&target).await? else {
                 return Ok(None);
             };
-            let Some((entry, cred)) = find_credential(map, &target.uri).map_err(|e| {
-                Refusal::new(
-                    Code::SERVICE_UNAVAILABLE,
-                    format!("credential for {uri}: {e}"),
-                )
-            })?
-            else {
-                return Ok(None);
-            };
-            let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
-                tracing::warn!("{uri}: credential {:?}: {e}", entry.key);
-                Refusal::new(
-                    Code::SERVICE_UNAVAILABLE,
-                    format!("OSCORE context for {uri} cannot be used: {e}"),
-                )
-            })?;
             Ok(Some((hop_limit, target, protection)))
         };
         let (hop_limit, target, protection) = match decided.await {
@@ -361,26 +344,8 @@ impl Gateway {
                 inbound::refuse_plain(route, i)?;
             }
         }
-        // Formatted only for a diagnostic (it was two URI formattings per request).
-        let uri = || target.uri.matching_uri();
-        let credential = match &self.credentials {
-            None => None,
-            Some(map) => find_credential(map, &target.uri).map_err(|e| {
-                Refusal::new(
-                    Code::SERVICE_UNAVAILABLE,
-                    format!("credential for {}: {e}", uri()),
-                )
-            })?,
-        };
-        match credential {
-            Some((entry, cred)) => {
-                let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
-                    tracing::warn!("{}: credential {:?}: {e}", uri(), entry.key);
-                    Refusal::new(
-                        Code::SERVICE_UNAVAILABLE,
-                        format!("OSCORE context for {} cannot be used: {e}", uri()),
-                    )
-                })?;
+        match self.oscore_protection_for(&target).await? {
+            Some(protection) => {
                 self.forward_bounded(&*protection, request, &target, hop_limit)
                     .await
             }
@@ -392,10 +357,44 @@ impl Gateway {
                 Code::PROXYING_NOT_SUPPORTED,
                 format!(
                     "no credential matches {} and plain forwarding is off (policy.plain_forwarding)",
-                    uri()
+                    target.uri.matching_uri()
                 ),
             )),
         }
+    }
+
+    /// The OSCORE context that the credentials file gives `target` (aiocoap's credential
+    /// matching, see `find_credential`), opened or taken from the cache; `None` when no
+    /// credential matches. A target that has a credential is OSCORE-only: a credential
+    /// that cannot be resolved or a context that cannot be opened (locked, unreadable) is
+    /// 5.03 with a diagnostic, never a fall-back to plain text. The one place outbound
+    /// requests, Observe registrations and inbound requests toward OSCORE targets decide.
+    pub(crate) async fn oscore_protection_for(
+        &self,
+        target: &Target,
+    ) -> Result<Option<Arc<OscoreProtection>>, Refusal> {
+        let Some(map) = &self.credentials else {
+            return Ok(None);
+        };
+        // Formatted only for a diagnostic, not on the way of every request.
+        let uri = || target.uri.matching_uri();
+        let credential = find_credential(map, &target.uri).map_err(|e| {
+            Refusal::new(
+                Code::SERVICE_UNAVAILABLE,
+                format!("credential for {}: {e}", uri()),
+            )
+        })?;
+        let Some((entry, cred)) = credential else {
+            return Ok(None);
+        };
+        let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
+            tracing::warn!("{}: credential {:?}: {e}", uri(), entry.key);
+            Refusal::new(
+                Code::SERVICE_UNAVAILABLE,
+                format!("OSCORE context for {} cannot be used: {e}", uri()),
+            )
+        })?;
+        Ok(Some(protection))
     }
 }
 
