@@ -69,6 +69,11 @@ pub struct LoadArgs {
     /// Upstream ADDR:PORT of --udp-relay
     #[arg(long, value_name = "ADDR:PORT")]
     pub to: Option<String>,
+    /// Spread the requests over N targets: `{i}` in the URI becomes 0..N-1, one target after
+    /// the other (round-robin), e.g. coap://origin/c{i}/x with a credential pattern and a
+    /// security context per target at the gateway. Plain requests only.
+    #[arg(long, value_name = "N")]
+    pub spread: Option<u32>,
     /// Server modes: exit after this many seconds (default: until SIGINT/SIGTERM)
     #[arg(long)]
     pub max_seconds: Option<f64>,
@@ -101,6 +106,29 @@ fn seconds(name: &str, v: f64) -> Result<Duration, String> {
     }
 }
 
+/// Largest `--spread`: each target keeps one request template (tens of bytes) in memory.
+pub const MAX_SPREAD: u32 = 1_000_000;
+
+/// The `--spread N` targets: `{i}` in `template` replaced by 0..N-1.
+fn spread_targets(template: &str, n: u32) -> Result<Vec<CoapUri>, String> {
+    if n == 0 || n > MAX_SPREAD {
+        return Err(format!("--spread must be 1..={MAX_SPREAD}, not {n}"));
+    }
+    if !template.contains("{i}") {
+        return Err(format!(
+            "--spread needs {{i}} in the URI (replaced by 0..{}), e.g. coap://host/c{{i}}/x; \
+             {template} has none",
+            n - 1
+        ));
+    }
+    (0..n)
+        .map(|i| {
+            let text = template.replace("{i}", &i.to_string());
+            CoapUri::parse(&text).map_err(|e| format!("--spread target {text}: {e}"))
+        })
+        .collect()
+}
+
 impl LoadArgs {
     pub fn into_mode(self) -> Result<Mode, String> {
         if let Some(s) = self.max_seconds {
@@ -130,7 +158,12 @@ impl LoadArgs {
         let uri_text = self.uri.ok_or(
             "a target URI is needed (or one of --serve, --udp-echo, --udp-relay)".to_string(),
         )?;
-        let uri = CoapUri::parse(&uri_text).map_err(|e| format!("{uri_text}: {e}"))?;
+        let spread = match self.spread {
+            None => Vec::new(),
+            Some(n) => spread_targets(&uri_text, n)?,
+        };
+        let first = uri_text.replace("{i}", "0");
+        let uri = CoapUri::parse(&first).map_err(|e| format!("{uri_text}: {e}"))?;
         let proxy = match &self.proxy {
             Some(p) => Some(CoapUri::parse(p).map_err(|e| format!("--proxy {p}: {e}"))?),
             None => None,
@@ -145,6 +178,7 @@ impl LoadArgs {
         }
         let config = LoadConfig {
             uri,
+            spread,
             proxy,
             proxy_form: if self.proxy_scheme {
                 ProxyForm::ProxyScheme
