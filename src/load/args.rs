@@ -74,6 +74,20 @@ pub struct LoadArgs {
     /// security context per target at the gateway. Plain requests only.
     #[arg(long, value_name = "N")]
     pub spread: Option<u32>,
+    /// Hold N Observe relations (RFC 7641) on the URI instead of sending requests: register
+    /// them (GET, Observe: 0, at most --window outstanding), count notifications for
+    /// --hold seconds, then deregister (Observe: 1)
+    #[arg(long, value_name = "N")]
+    pub observe: Option<usize>,
+    /// With --observe: seconds to hold the relations
+    #[arg(long, default_value_t = 10.0)]
+    pub hold: f64,
+    /// --serve: each Observe relation gets a notification this often (milliseconds, >= 10)
+    #[arg(long, default_value_t = 1000)]
+    pub notify_ms: u64,
+    /// --serve: Observe relations kept at once, at most
+    #[arg(long, default_value_t = 100_000)]
+    pub max_relations: usize,
     /// Server modes: exit after this many seconds (default: until SIGINT/SIGTERM)
     #[arg(long)]
     pub max_seconds: Option<f64>,
@@ -85,6 +99,12 @@ pub enum Mode {
         json: bool,
     },
     Serve(ServeConfig),
+    Observe {
+        config: Box<LoadConfig>,
+        relations: usize,
+        hold: Duration,
+        json: bool,
+    },
     Echo {
         bind: String,
         max_seconds: Option<f64>,
@@ -105,6 +125,9 @@ fn seconds(name: &str, v: f64) -> Result<Duration, String> {
         ))
     }
 }
+
+/// Largest `--observe`: relations share one socket and are told apart by token.
+pub const MAX_OBSERVE: usize = 1_000_000;
 
 /// Largest `--spread`: each target keeps one request template (tens of bytes) in memory.
 pub const MAX_SPREAD: u32 = 1_000_000;
@@ -153,6 +176,9 @@ impl LoadArgs {
                 credentials: self.credentials,
                 payload_size: self.payload_size,
                 max_seconds: self.max_seconds.map(Duration::from_secs_f64),
+                notify_interval: Duration::from_millis(self.notify_ms)
+                    .max(super::serve::MIN_NOTIFY_INTERVAL),
+                max_relations: self.max_relations.min(super::serve::MAX_RELATIONS_LIMIT),
             }));
         }
         let uri_text = self.uri.ok_or(
@@ -196,6 +222,17 @@ impl LoadArgs {
             max_retransmit: self.max_retransmit,
             timeout: seconds("timeout", self.timeout)?,
         };
+        if let Some(n) = self.observe {
+            if n == 0 || n > MAX_OBSERVE {
+                return Err(format!("--observe must be 1..={MAX_OBSERVE}, not {n}"));
+            }
+            return Ok(Mode::Observe {
+                config: Box::new(config),
+                relations: n,
+                hold: seconds("hold", self.hold)?,
+                json: self.json,
+            });
+        }
         Ok(Mode::Load {
             config: Box::new(config),
             json: self.json,

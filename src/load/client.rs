@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::client::transport::random_bytes;
+use crate::coap::option::encode_uint;
 use crate::coap::{number, CoapUri, Code, MessageBuilder, MessageType, MessageView};
 use crate::oscore::{protect_request, unprotect_response, RequestBinding};
 
@@ -124,7 +125,7 @@ struct Generator<'c> {
     earliest_deadline: Option<Instant>,
 }
 
-fn resolve(uri: &CoapUri) -> Result<SocketAddr, LoadError> {
+pub(crate) fn resolve(uri: &CoapUri) -> Result<SocketAddr, LoadError> {
     let port = uri.effective_port();
     if let Ok(ip) = uri.host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
@@ -141,13 +142,16 @@ fn resolve(uri: &CoapUri) -> Result<SocketAddr, LoadError> {
         .ok_or_else(|| LoadError::Setup(format!("{} resolved to no address", uri.host)))
 }
 
-/// Builds the plain request: Uri-* or Proxy-* options as `cfg` says, then Echo if given.
-fn build_request(
+/// Builds the plain request: Uri-* or Proxy-* options as `cfg` says, Observe if given
+/// (RFC 7641), then Echo if given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_request_observe(
     cfg: &LoadConfig,
     uri: &CoapUri,
     mtype: MessageType,
     mid: u16,
     token: &[u8],
+    observe: Option<u32>,
     echo: Option<&[u8]>,
     out: &mut Vec<u8>,
 ) -> Result<(), LoadError> {
@@ -160,6 +164,13 @@ fn build_request(
     let via_proxy = cfg.proxy.is_some();
     if via_proxy && cfg.proxy_form == ProxyForm::ProxyScheme {
         b.option(number::URI_HOST, uri.host.as_bytes()).map_err(e)?;
+    }
+    if let Some(v) = observe {
+        let mut buf = [0u8; 8];
+        b.option(number::OBSERVE, encode_uint(u64::from(v), &mut buf))
+            .map_err(e)?;
+    }
+    if via_proxy && cfg.proxy_form == ProxyForm::ProxyScheme {
         if let Some(p) = uri.port {
             b.uint_option(number::URI_PORT, u64::from(p)).map_err(e)?;
         }
@@ -193,6 +204,19 @@ fn build_request(
         b.finish();
     }
     Ok(())
+}
+
+/// Builds the plain request (`build_request_observe` without Observe).
+fn build_request(
+    cfg: &LoadConfig,
+    uri: &CoapUri,
+    mtype: MessageType,
+    mid: u16,
+    token: &[u8],
+    echo: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), LoadError> {
+    build_request_observe(cfg, uri, mtype, mid, token, None, echo, out)
 }
 
 /// Runs the generator to completion (`count` requests answered or timed out) or until
