@@ -187,7 +187,40 @@ stop_all
 fi
 
 # ---------------------------------------------------------------- T2: Observe relations
-# (filled in below)
+# REL relations from plain clients (`load --observe REL`, one socket, distinct tokens) through
+# the gateway ([observe] max_relations = REL; the default is 64) to an OSCORE origin
+# (`load --serve --credentials`, a notification per relation every NOTIFY_MS), held HOLD s,
+# then deregistered. Reports the gateway's peak RSS (VmHWM; target < 100 MB), the
+# notifications received per s and on how many relations, and its RSS/fds while holding.
+OBS_JSON=
+if [ "$ONLY" != t1 ]; then
+echo "== T2: $REL Observe relations through the gateway" >&2
+GWO=$((P + 14)); OORIGINO=$((P + 15))
+python3 "$ROOT/benches/gen_contexts.py" "$TMP/ctxo" 1 --port $OORIGINO
+python3 - "$TMP/ctxo/gw.json" "$OORIGINO" <<'PY'
+import json, sys
+p, port = sys.argv[1], sys.argv[2]
+json.dump({f"coap://127.0.0.1:{port}/*": {"oscore": {"basedir": "gw/c0"}}}, open(p, "w"))
+PY
+gw_toml $GWO "$REL" >"$TMP/gwo.toml"
+start origino "$BIN" load --serve 127.0.0.1:$OORIGINO --credentials "$TMP/ctxo/server.json" --notify-ms "$NOTIFY_MS" --max-relations "$REL" --max-seconds 1200; O=$LAST_PID
+wait_port $OORIGINO $O
+start gwo "$BIN" run --config "$TMP/gwo.toml" --credentials "$TMP/ctxo/gw.json"; G=$LAST_PID
+wait_port $GWO $G
+# one plain request first: the origin's App. B.1.2 Echo exchange happens on a normal request
+"$BIN" load coap://127.0.0.1:$OORIGINO/warm --proxy coap://127.0.0.1:$GWO --proxy-scheme --count 10 --window 1 >/dev/null || true
+rss0=$(rss_kb "$G"); g0=$(ticks "$G"); o0=$(ticks "$O")
+# sample the gateway while the relations are held
+( sleep $((HOLD / 2 + 2)); { echo "gateway while holding $REL relations: VmRSS $(( $(rss_kb $G) / 1024 )) MB, open fds $(ls /proc/$G/fd | wc -l), threads $(awk '/^Threads/ {print $2}' /proc/$G/status)"; } >>"$EXTRA" ) &
+SAMPLER=$!
+OBS_JSON=$("$BIN" load coap://127.0.0.1:$OORIGINO/obs --proxy coap://127.0.0.1:$GWO --proxy-scheme --observe "$REL" --window "$W" --hold "$HOLD" --duration-limit "$LIMIT" --ack-timeout-ms 1000 --json) || true
+wait $SAMPLER 2>/dev/null || true
+g1=$(ticks "$G"); o1=$(ticks "$O")
+echo "gateway before the relations: VmRSS $((rss0 / 1024)) MB; peak (VmHWM) over the run: $(( $(hwm_kb $G) / 1024 )) MB (target < 100 MB)" >>"$EXTRA"
+echo "CPU during the Observe run: gateway $(python3 -c "print($((g1 - g0))/$TCK)") s, origin $(python3 -c "print($((o1 - o0))/$TCK)") s" >>"$EXTRA"
+stop_all
+echo "origin at exit: $(grep '^serve:' "$TMP/origino.log" || echo '(no summary)')" >>"$EXTRA"
+fi
 
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg); RLIMIT_NOFILE $(ulimit -Sn)/$(ulimit -Hn)"
@@ -211,3 +244,19 @@ print()
 if rate("d") and rate("d10k"):
     print(f"(d10k)/(d) = {rate('d10k')/rate('d'):.3f}  (target >= 0.9)")
 PY
+if [ -n "$OBS_JSON" ]; then
+    echo
+    echo "Observe ($REL relations, notification every $NOTIFY_MS ms each, hold $HOLD s):"
+    python3 - "$OBS_JSON" <<'PY'
+import json, sys
+try:
+    r = json.loads(sys.argv[1])
+except Exception:
+    print(f"FAILED: {sys.argv[1][:300]!r}"); sys.exit(0)
+print(f"registered {r['registered']}/{r['relations']} in {r['register_s']:.2f} s ({r['registration_failures']} failed); "
+      f"notifications {r['notifications']} in {r['hold_s']:.1f} s = {r['notifications_per_s']:.0f}/s; "
+      f"relations notified {r['relations_notified']} (per relation {r['min_notifications_per_relation']}..{r['max_notifications_per_relation']}); "
+      f"ended by the server {r['ended_by_server']}; deregistered {r['deregistered']} ({r['deregistration_failures']} failed); "
+      f"timeouts {r['timeouts']}, retransmissions {r['retransmissions']} {r['error_codes'] or ''}")
+PY
+fi

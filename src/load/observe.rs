@@ -488,15 +488,13 @@ impl Observer<'_> {
                     self.r.ended_by_server += 1;
                 }
             }
-            Phase::Deregistering => {
-                if !observing {
-                    // the answer to Observe: 1 (a late notification has Observe)
-                    let ok = msg.code.is_success();
-                    if !ok {
-                        *self.r.error_codes.entry(msg.code.to_string()).or_default() += 1;
-                    }
-                    self.finish(i, ok);
+            // the answer to Observe: 1 (a late notification has Observe)
+            Phase::Deregistering if !observing => {
+                let ok = msg.code.is_success();
+                if !ok {
+                    *self.r.error_codes.entry(msg.code.to_string()).or_default() += 1;
                 }
+                self.finish(i, ok);
             }
             _ => {}
         }
