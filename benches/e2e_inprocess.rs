@@ -38,6 +38,8 @@ fn start_origin(port: u16, credentials: Option<&Path>) {
         credentials: credentials.map(Path::to_owned),
         payload_size: 64,
         max_seconds: Some(Duration::from_secs_f64(ORIGIN_SECONDS)),
+        notify_interval: Duration::from_secs(1),
+        max_relations: 0,
     };
     std::thread::spawn(move || {
         let _ = serve(&cfg);

@@ -105,6 +105,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Every open security context holds its lock file open, every Observe relation a
+    // socket: take the descriptors the hard limit allows (a failure shows up, with the
+    // limit named, where a lock file cannot be opened).
+    if let Err(e) = oscore_gateway::credentials::fd_limit::raise_to_hard() {
+        tracing::warn!("cannot raise RLIMIT_NOFILE to the hard limit: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -333,3 +333,213 @@ fn gateway_with_busy_polling_forwards_then_sleeps() {
         "the gateway used {idle} ticks in 1 s without traffic"
     );
 }
+
+/// Starts `oscore-gateway run --config CONFIG [--credentials CREDS]` and waits for its port.
+fn start_gateway(config: &Path, creds: Option<&Path>, port: u16) -> Guard {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(config);
+    if let Some(c) = creds {
+        cmd.arg("--credentials").arg(c);
+    }
+    let guard = Guard(cmd.stdout(Stdio::null()).spawn().unwrap());
+    let end = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < end, "gateway on port {port} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guard
+}
+
+/// Writes `n` context pairs under `dir` (gateway side `gw/cI`, origin side `srv/cI`, each
+/// with its own secret and the gateway's Sender ID I), the gateway's credentials (pattern
+/// `coap://127.0.0.1:ORIGIN/cI/*` per context, or one `/*` pattern for `gw/c0` when
+/// `one_pattern`) and the origin's (`:cI`). Returns (gateway creds, origin creds).
+fn write_context_pairs(
+    dir: &Path,
+    n: usize,
+    origin: u16,
+    one_pattern: bool,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut gw = serde_json::Map::new();
+    let mut srv = serde_json::Map::new();
+    for i in 0..n {
+        let secret = format!(r#""secret_ascii": "spread secret {i}""#);
+        for (side, s, r) in [
+            ("gw", format!("{i:06x}"), "01".to_string()),
+            ("srv", "01".to_string(), format!("{i:06x}")),
+        ] {
+            let d = dir.join(side).join(format!("c{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("settings.json"),
+                format!(r#"{{"sender-id_hex": "{s}", "recipient-id_hex": "{r}", {secret}}}"#),
+            )
+            .unwrap();
+        }
+        let basedir =
+            serde_json::json!({"oscore": {"basedir": dir.join("gw").join(format!("c{i}"))}});
+        if one_pattern {
+            if i == 0 {
+                gw.insert(format!("coap://127.0.0.1:{origin}/*"), basedir);
+            }
+        } else {
+            gw.insert(format!("coap://127.0.0.1:{origin}/c{i}/*"), basedir);
+        }
+        srv.insert(
+            format!(":c{i}"),
+            serde_json::json!({"oscore": {"basedir": dir.join("srv").join(format!("c{i}"))}}),
+        );
+    }
+    let g = dir.join("gw.json");
+    let s = dir.join("server.json");
+    std::fs::write(&g, Value::Object(gw).to_string()).unwrap();
+    std::fs::write(&s, Value::Object(srv).to_string()).unwrap();
+    (g, s)
+}
+
+fn oscore_gateway_config(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
+    let p = dir.join("gw.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[coap]\nbind = [\"127.0.0.1:{port}\"]\nnstart = 8\n[policy]\nplain_forwarding = false\n{extra}"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// `--spread 3`: the requests go round-robin to .../c0/x, .../c1/x, .../c2/x, so the gateway
+/// uses (opens, on first use) each of the three contexts; after it closed them, every
+/// context's sequence.json says it protected its share of the requests.
+#[test]
+fn spread_uses_every_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = free_port();
+    let gw_port = free_port();
+    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 3, origin, false);
+    let config = oscore_gateway_config(tmp.path(), gw_port, "");
+    let o = start(
+        &[
+            "--serve",
+            &format!("127.0.0.1:{origin}"),
+            "--credentials",
+            srv_creds.to_str().unwrap(),
+        ],
+        origin,
+    );
+    let g = start_gateway(&config, Some(&gw_creds), gw_port);
+    let r = run_load(&[
+        &format!("coap://127.0.0.1:{origin}/c{{i}}/x"),
+        "--spread",
+        "3",
+        "--proxy",
+        &format!("coap://127.0.0.1:{gw_port}"),
+        "--proxy-scheme",
+        "--count",
+        "30",
+        "--window",
+        "4",
+    ]);
+    assert_sane(&r, 30);
+    drop(g); // SIGTERM: the gateway writes each open context's exact sequence number
+    drop(o);
+    for i in 0..3 {
+        let f = tmp
+            .path()
+            .join("gw")
+            .join(format!("c{i}"))
+            .join("sequence.json");
+        let text = std::fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("context c{i} was never opened ({}): {e}", f.display()));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let next = v["next-to-send"].as_u64().unwrap();
+        assert!(
+            next >= 10,
+            "context c{i} protected fewer than its 10 requests: {text}"
+        );
+    }
+    // --spread needs {i} in the URI
+    let out = Command::new(BIN)
+        .args(["load", "coap://127.0.0.1:9/x", "--spread", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("{i}"));
+}
+
+/// `--observe 20` through the gateway to an OSCORE `--serve` origin: every relation is
+/// registered, gets notifications and is deregistered; the origin then holds none.
+#[test]
+fn observe_through_gateway_to_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = free_port();
+    let gw_port = free_port();
+    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
+    let config = oscore_gateway_config(tmp.path(), gw_port, "[observe]\nmax_relations = 20\n");
+    let o = Command::new(BIN)
+        .args([
+            "load",
+            "--serve",
+            &format!("127.0.0.1:{origin}"),
+            "--credentials",
+            srv_creds.to_str().unwrap(),
+            "--notify-ms",
+            "100",
+            "--max-seconds",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(("127.0.0.1", origin)).is_ok() {
+        assert!(Instant::now() < end, "origin did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let g = start_gateway(&config, Some(&gw_creds), gw_port);
+    let proxy = format!("coap://127.0.0.1:{gw_port}");
+    let target = format!("coap://127.0.0.1:{origin}/obs");
+    // A plain request first, so the origin's App. B.1.2 Echo exchange is behind us.
+    let r = run_load(&[
+        &target,
+        "--proxy",
+        &proxy,
+        "--proxy-scheme",
+        "--count",
+        "2",
+        "--window",
+        "1",
+    ]);
+    assert_sane(&r, 2);
+    let r = run_load(&[
+        &target,
+        "--proxy",
+        &proxy,
+        "--proxy-scheme",
+        "--observe",
+        "20",
+        "--window",
+        "8",
+        "--hold",
+        "1.5",
+    ]);
+    assert_eq!(r["registered"], 20, "{r}");
+    assert_eq!(r["relations_notified"], 20, "{r}");
+    assert!(
+        r["min_notifications_per_relation"].as_u64().unwrap() >= 3,
+        "{r}"
+    );
+    assert_eq!(r["ended_by_server"], 0, "{r}");
+    assert_eq!(r["deregistered"], 20, "{r}");
+    assert_eq!(r["timeouts"], 0, "{r}");
+    // A 21st relation beyond max_relations = 20 would be refused; 20 were held at once.
+    drop(g);
+    sigterm(o.id());
+    let out = o.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("observe relations open at exit 0, registered 20, deregistered 20"),
+        "{summary}"
+    );
+}

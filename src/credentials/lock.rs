@@ -45,6 +45,13 @@ pub enum LockError {
     },
     #[error("cannot lock {}: the file kept being replaced by another process", lock.display())]
     Unstable { lock: PathBuf },
+    #[error(
+        "cannot open {}: too many open files (RLIMIT_NOFILE soft limit {soft}, hard limit \
+         {hard}; every open security context holds its lock file open: raise the hard limit, \
+         e.g. `ulimit -Hn`, LimitNOFILE= in a systemd unit, or use fewer contexts)",
+        lock.display()
+    )]
+    TooManyOpenFiles { lock: PathBuf, soft: u64, hard: u64 },
 }
 
 /// An exclusive flock on `dir/lock`, released (and the file deleted) by `release` or drop.
@@ -77,7 +84,18 @@ impl ContextLock {
                 .mode(0o644)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
-                .map_err(|e| io("opening the lock file", e))?;
+                .map_err(|e| {
+                    if super::fd_limit::is_out_of_descriptors(&e) {
+                        let (soft, hard) = super::fd_limit::nofile_limits().unwrap_or((0, 0));
+                        LockError::TooManyOpenFiles {
+                            lock: path.clone(),
+                            soft,
+                            hard,
+                        }
+                    } else {
+                        io("opening the lock file", e)
+                    }
+                })?;
             match file.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {

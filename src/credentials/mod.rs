@@ -12,6 +12,7 @@
 //! Where we differ from aiocoap on purpose, the module says so (references resolved,
 //! relative basedirs against the credentials file, stricter validation).
 
+pub mod fd_limit;
 mod json;
 pub mod lock;
 pub mod map;

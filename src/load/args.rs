@@ -69,6 +69,25 @@ pub struct LoadArgs {
     /// Upstream ADDR:PORT of --udp-relay
     #[arg(long, value_name = "ADDR:PORT")]
     pub to: Option<String>,
+    /// Spread the requests over N targets: `{i}` in the URI becomes 0..N-1, one target after
+    /// the other (round-robin), e.g. coap://origin/c{i}/x with a credential pattern and a
+    /// security context per target at the gateway. Plain requests only.
+    #[arg(long, value_name = "N")]
+    pub spread: Option<u32>,
+    /// Hold N Observe relations (RFC 7641) on the URI instead of sending requests: register
+    /// them (GET, Observe: 0, at most --window outstanding), count notifications for
+    /// --hold seconds, then deregister (Observe: 1)
+    #[arg(long, value_name = "N")]
+    pub observe: Option<usize>,
+    /// With --observe: seconds to hold the relations
+    #[arg(long, default_value_t = 10.0)]
+    pub hold: f64,
+    /// --serve: each Observe relation gets a notification this often (milliseconds, >= 10)
+    #[arg(long, default_value_t = 1000)]
+    pub notify_ms: u64,
+    /// --serve: Observe relations kept at once, at most
+    #[arg(long, default_value_t = 100_000)]
+    pub max_relations: usize,
     /// Server modes: exit after this many seconds (default: until SIGINT/SIGTERM)
     #[arg(long)]
     pub max_seconds: Option<f64>,
@@ -80,6 +99,12 @@ pub enum Mode {
         json: bool,
     },
     Serve(ServeConfig),
+    Observe {
+        config: Box<LoadConfig>,
+        relations: usize,
+        hold: Duration,
+        json: bool,
+    },
     Echo {
         bind: String,
         max_seconds: Option<f64>,
@@ -99,6 +124,32 @@ fn seconds(name: &str, v: f64) -> Result<Duration, String> {
             "--{name} must be a positive number of seconds, not {v}"
         ))
     }
+}
+
+/// Largest `--observe`: relations share one socket and are told apart by token.
+pub const MAX_OBSERVE: usize = 1_000_000;
+
+/// Largest `--spread`: each target keeps one request template (tens of bytes) in memory.
+pub const MAX_SPREAD: u32 = 1_000_000;
+
+/// The `--spread N` targets: `{i}` in `template` replaced by 0..N-1.
+fn spread_targets(template: &str, n: u32) -> Result<Vec<CoapUri>, String> {
+    if n == 0 || n > MAX_SPREAD {
+        return Err(format!("--spread must be 1..={MAX_SPREAD}, not {n}"));
+    }
+    if !template.contains("{i}") {
+        return Err(format!(
+            "--spread needs {{i}} in the URI (replaced by 0..{}), e.g. coap://host/c{{i}}/x; \
+             {template} has none",
+            n - 1
+        ));
+    }
+    (0..n)
+        .map(|i| {
+            let text = template.replace("{i}", &i.to_string());
+            CoapUri::parse(&text).map_err(|e| format!("--spread target {text}: {e}"))
+        })
+        .collect()
 }
 
 impl LoadArgs {
@@ -125,12 +176,20 @@ impl LoadArgs {
                 credentials: self.credentials,
                 payload_size: self.payload_size,
                 max_seconds: self.max_seconds.map(Duration::from_secs_f64),
+                notify_interval: Duration::from_millis(self.notify_ms)
+                    .max(super::serve::MIN_NOTIFY_INTERVAL),
+                max_relations: self.max_relations.min(super::serve::MAX_RELATIONS_LIMIT),
             }));
         }
         let uri_text = self.uri.ok_or(
             "a target URI is needed (or one of --serve, --udp-echo, --udp-relay)".to_string(),
         )?;
-        let uri = CoapUri::parse(&uri_text).map_err(|e| format!("{uri_text}: {e}"))?;
+        let spread = match self.spread {
+            None => Vec::new(),
+            Some(n) => spread_targets(&uri_text, n)?,
+        };
+        let first = uri_text.replace("{i}", "0");
+        let uri = CoapUri::parse(&first).map_err(|e| format!("{uri_text}: {e}"))?;
         let proxy = match &self.proxy {
             Some(p) => Some(CoapUri::parse(p).map_err(|e| format!("--proxy {p}: {e}"))?),
             None => None,
@@ -145,6 +204,7 @@ impl LoadArgs {
         }
         let config = LoadConfig {
             uri,
+            spread,
             proxy,
             proxy_form: if self.proxy_scheme {
                 ProxyForm::ProxyScheme
@@ -162,6 +222,17 @@ impl LoadArgs {
             max_retransmit: self.max_retransmit,
             timeout: seconds("timeout", self.timeout)?,
         };
+        if let Some(n) = self.observe {
+            if n == 0 || n > MAX_OBSERVE {
+                return Err(format!("--observe must be 1..={MAX_OBSERVE}, not {n}"));
+            }
+            return Ok(Mode::Observe {
+                config: Box::new(config),
+                relations: n,
+                hold: seconds("hold", self.hold)?,
+                json: self.json,
+            });
+        }
         Ok(Mode::Load {
             config: Box::new(config),
             json: self.json,

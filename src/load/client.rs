@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::client::transport::random_bytes;
+use crate::coap::option::encode_uint;
 use crate::coap::{number, CoapUri, Code, MessageBuilder, MessageType, MessageView};
 use crate::gateway::mmsg::RecvBatch;
 use crate::oscore::{protect_request, unprotect_response, RequestBinding};
@@ -36,6 +37,10 @@ pub enum ProxyForm {
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     pub uri: CoapUri,
+    /// `--spread`: the targets requests go to in turn (round-robin), `uri` being the first;
+    /// empty: every request goes to `uri`. Plain requests only (one OSCORE context per
+    /// target is not supported); all on the peer of `uri` (or through `proxy`).
+    pub spread: Vec<CoapUri>,
     pub proxy: Option<CoapUri>,
     pub proxy_form: ProxyForm,
     pub credentials: Option<PathBuf>,
@@ -78,6 +83,8 @@ struct Slot {
     echo_retried: bool,
     wire: Vec<u8>,
     binding: Option<RequestBinding>,
+    /// Index into the generator's templates.
+    target: usize,
 }
 
 /// Counters while running.
@@ -106,18 +113,20 @@ struct Generator<'c> {
     oscore: Option<OpenedContext>,
     slots: Vec<Slot>,
     free: Vec<usize>,
+    /// One request template per target (`cfg.spread`, or just `cfg.uri`).
+    templates: Vec<Vec<u8>>,
+    next_target: usize,
     /// Message ID -> slot index + 1 (0: none), for empty ACKs and Resets.
     mid_slot: Vec<u32>,
     next_mid: u16,
     next_serial: u32,
-    template: Vec<u8>,
     plain: Vec<u8>,
     tally: Tally,
     started: u64,
     earliest_deadline: Option<Instant>,
 }
 
-fn resolve(uri: &CoapUri) -> Result<SocketAddr, LoadError> {
+pub(crate) fn resolve(uri: &CoapUri) -> Result<SocketAddr, LoadError> {
     let port = uri.effective_port();
     if let Ok(ip) = uri.host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
@@ -134,12 +143,16 @@ fn resolve(uri: &CoapUri) -> Result<SocketAddr, LoadError> {
         .ok_or_else(|| LoadError::Setup(format!("{} resolved to no address", uri.host)))
 }
 
-/// Builds the plain request: Uri-* or Proxy-* options as `cfg` says, then Echo if given.
-fn build_request(
+/// Builds the plain request: Uri-* or Proxy-* options as `cfg` says, Observe if given
+/// (RFC 7641), then Echo if given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn build_request_observe(
     cfg: &LoadConfig,
+    uri: &CoapUri,
     mtype: MessageType,
     mid: u16,
     token: &[u8],
+    observe: Option<u32>,
     echo: Option<&[u8]>,
     out: &mut Vec<u8>,
 ) -> Result<(), LoadError> {
@@ -149,10 +162,16 @@ fn build_request(
     };
     let e = |e: crate::coap::CodecError| LoadError::Setup(format!("cannot build the request: {e}"));
     let mut b = MessageBuilder::new(out, mtype, code, mid, token).map_err(e)?;
-    let uri = &cfg.uri;
     let via_proxy = cfg.proxy.is_some();
     if via_proxy && cfg.proxy_form == ProxyForm::ProxyScheme {
         b.option(number::URI_HOST, uri.host.as_bytes()).map_err(e)?;
+    }
+    if let Some(v) = observe {
+        let mut buf = [0u8; 8];
+        b.option(number::OBSERVE, encode_uint(u64::from(v), &mut buf))
+            .map_err(e)?;
+    }
+    if via_proxy && cfg.proxy_form == ProxyForm::ProxyScheme {
         if let Some(p) = uri.port {
             b.uint_option(number::URI_PORT, u64::from(p)).map_err(e)?;
         }
@@ -188,6 +207,19 @@ fn build_request(
     Ok(())
 }
 
+/// Builds the plain request (`build_request_observe` without Observe).
+fn build_request(
+    cfg: &LoadConfig,
+    uri: &CoapUri,
+    mtype: MessageType,
+    mid: u16,
+    token: &[u8],
+    echo: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), LoadError> {
+    build_request_observe(cfg, uri, mtype, mid, token, None, echo, out)
+}
+
 /// Runs the generator to completion (`count` requests answered or timed out) or until
 /// `duration_limit`, and reports.
 pub fn run_load(cfg: &LoadConfig) -> Result<Report, LoadError> {
@@ -198,6 +230,26 @@ pub fn run_load(cfg: &LoadConfig) -> Result<Report, LoadError> {
         )));
     }
     let peer = resolve(cfg.proxy.as_ref().unwrap_or(&cfg.uri))?;
+    if !cfg.spread.is_empty() {
+        if cfg.credentials.is_some() {
+            return Err(LoadError::Setup(
+                "--spread sends plain requests; it cannot be combined with --credentials".into(),
+            ));
+        }
+        if let Some(u) = cfg.spread.iter().find(|u| u.scheme != "coap") {
+            return Err(LoadError::Setup(format!(
+                "only coap:// targets are supported, not {u}"
+            )));
+        }
+        if cfg.proxy.is_none() {
+            if let Some(u) = cfg.spread.iter().find(|u| resolve(u).ok() != Some(peer)) {
+                return Err(LoadError::Setup(format!(
+                    "--spread without --proxy needs every target on one host and port; \
+                     {u} is not on {peer}"
+                )));
+            }
+        }
+    }
     let oscore = match &cfg.credentials {
         Some(c) => Some(client_context(c, &cfg.uri).map_err(LoadError::Setup)?),
         None => None,
@@ -232,11 +284,22 @@ impl<'c> Generator<'c> {
         } else {
             MessageType::NonConfirmable
         };
-        let mut template = Vec::with_capacity(256 + cfg.payload_size);
-        build_request(cfg, mtype, 0, &[0; TOKEN_LEN], None, &mut template)?;
+        let targets = if cfg.spread.is_empty() {
+            std::slice::from_ref(&cfg.uri)
+        } else {
+            &cfg.spread[..]
+        };
+        let mut templates = Vec::with_capacity(targets.len());
+        for uri in targets {
+            let mut template = Vec::with_capacity(64 + cfg.payload_size);
+            build_request(cfg, uri, mtype, 0, &[0; TOKEN_LEN], None, &mut template)?;
+            template.shrink_to_fit();
+            templates.push(template);
+        }
+        let longest = templates.iter().map(Vec::len).max().unwrap_or(0);
         let slots = (0..cfg.window)
             .map(|_| Slot {
-                wire: Vec::with_capacity(template.len() + 64),
+                wire: Vec::with_capacity(longest + 64),
                 ..Slot::default()
             })
             .collect();
@@ -250,7 +313,8 @@ impl<'c> Generator<'c> {
             mid_slot: vec![0; 65536],
             next_mid: u16::from_be_bytes(random_bytes::<2>()),
             next_serial: 0,
-            template,
+            templates,
+            next_target: 0,
             plain: Vec::with_capacity(2048),
             tally: Tally {
                 samples: Vec::with_capacity(cfg.count.min(10_000_000) as usize),
@@ -365,7 +429,10 @@ impl<'c> Generator<'c> {
         self.next_serial = self.next_serial.wrapping_add(1);
         let serial = self.next_serial;
         let mid = self.fresh_mid(i);
+        let target = self.next_target;
+        self.next_target = (self.next_target + 1) % self.templates.len();
         let s = &mut self.slots[i];
+        s.target = target;
         s.active = true;
         s.serial = serial;
         s.echo_retried = false;
@@ -379,6 +446,7 @@ impl<'c> Generator<'c> {
     /// Writes slot `i`'s datagram with Message ID `mid` (protected if OSCORE).
     fn fill_wire(&mut self, i: usize, mid: u16, echo: Option<&[u8]>) -> Result<(), LoadError> {
         let serial = self.slots[i].serial;
+        let target_idx = self.slots[i].target;
         let mut token = [0u8; TOKEN_LEN];
         token[..4].copy_from_slice(&(i as u32).to_be_bytes());
         token[4..].copy_from_slice(&serial.to_be_bytes());
@@ -390,7 +458,7 @@ impl<'c> Generator<'c> {
         match echo {
             None => {
                 target.clear();
-                target.extend_from_slice(&self.template);
+                target.extend_from_slice(&self.templates[target_idx]);
                 target[2..4].copy_from_slice(&mid.to_be_bytes());
                 target[TOKEN_AT..TOKEN_AT + TOKEN_LEN].copy_from_slice(&token);
             }
@@ -400,7 +468,8 @@ impl<'c> Generator<'c> {
                 } else {
                     MessageType::NonConfirmable
                 };
-                build_request(self.cfg, mtype, mid, &token, echo, target)?;
+                let uri = self.cfg.spread.get(target_idx).unwrap_or(&self.cfg.uri);
+                build_request(self.cfg, uri, mtype, mid, &token, echo, target)?;
             }
         }
         if let Some(o) = &self.oscore {

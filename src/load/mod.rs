@@ -8,6 +8,7 @@
 //!   payload, plain or OSCORE (server side, with the App. B.1.2 Echo exchange).
 //! - [`relay`]: `--udp-echo ADDR` and `--udp-relay ADDR --to ADDR`: the bare UDP echo and the
 //!   simplest relay, which together are the machine's ceiling for one forwarding hop.
+//! - [`observe`]: `--observe N`: N Observe relations held at once, notifications counted.
 //! - [`stats`]: latency percentiles and the report (text or `--json`).
 //!
 //! Everything here is an I/O edge and uses blocking std sockets on dedicated threads: a
@@ -16,6 +17,7 @@
 
 pub mod args;
 pub mod client;
+pub mod observe;
 mod oscore_ctx;
 pub mod relay;
 pub mod serve;
@@ -38,6 +40,29 @@ pub fn run(args: LoadArgs) -> ExitCode {
             max_seconds,
         }) => exit(relay::udp_relay(&bind, &to, max_seconds)),
         Ok(args::Mode::Serve(cfg)) => exit(serve::serve(&cfg).map_err(|e| e.to_string())),
+        Ok(args::Mode::Observe {
+            config,
+            relations,
+            hold,
+            json,
+        }) => match observe::run_observe(&config, relations, hold) {
+            Ok(report) => {
+                if json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.to_text());
+                }
+                if report.all_ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Ok(args::Mode::Load { config, json }) => match run_load(&config) {
             Ok(report) => {
                 if json {
