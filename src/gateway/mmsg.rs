@@ -149,30 +149,7 @@ pub const SEND_BATCH: usize = 32;
 /// non-blocking `sendmmsg`: `Ok(n)` with the number sent (≥ 1; the rest may be retried),
 /// or the error of the first (`WouldBlock` when the send buffer is full).
 pub fn send_batch(fd: RawFd, datagrams: &[Vec<u8>]) -> io::Result<usize> {
-    let n = datagrams.len().min(SEND_BATCH);
-    if n == 0 {
-        return Ok(0);
-    }
-    // SAFETY: all-zero is a valid value of these plain C structs.
-    let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
-    let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
-    for (i, d) in datagrams[..n].iter().enumerate() {
-        iovs[i] = libc::iovec {
-            // sendmmsg only reads through this pointer
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
-        };
-        hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
-        hdrs[i].msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: `n` initialised headers, each with one iovec over a live datagram; no
-    // address (the socket is connected).
-    let sent =
-        unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sent as usize)
+    send_mmsg(fd, datagrams.len(), |i| (datagrams[i].as_slice(), None))
 }
 
 /// Sends `n` datagrams (at most `SEND_BATCH` of them), datagram `i` being `item(i)` =
@@ -182,6 +159,19 @@ pub fn send_batch_to<'a>(
     fd: RawFd,
     n: usize,
     item: impl Fn(usize) -> (&'a [u8], SocketAddr),
+) -> io::Result<usize> {
+    send_mmsg(fd, n, |i| {
+        let (d, to) = item(i);
+        (d, Some(to))
+    })
+}
+
+/// One non-blocking `sendmmsg` of `item(0..n)` (at most `SEND_BATCH`): each datagram with
+/// its destination, or none on a connected socket.
+fn send_mmsg<'a>(
+    fd: RawFd,
+    n: usize,
+    item: impl Fn(usize) -> (&'a [u8], Option<SocketAddr>),
 ) -> io::Result<usize> {
     let n = n.min(SEND_BATCH);
     if n == 0 {
@@ -198,14 +188,16 @@ pub fn send_batch_to<'a>(
             iov_base: d.as_ptr() as *mut libc::c_void,
             iov_len: d.len(),
         };
-        let a = addrs[i].insert(socket2::SockAddr::from(to));
-        hdrs[i].msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
-        hdrs[i].msg_hdr.msg_namelen = a.len();
+        if let Some(to) = to {
+            let a = addrs[i].insert(socket2::SockAddr::from(to));
+            hdrs[i].msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
+            hdrs[i].msg_hdr.msg_namelen = a.len();
+        }
         hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
         hdrs[i].msg_hdr.msg_iovlen = 1;
     }
-    // SAFETY: `n` initialised headers, each with a live address of the given length and
-    // one iovec over a live datagram.
+    // SAFETY: `n` initialised headers, each with one iovec over a live datagram and either
+    // no address (connected socket) or a live address of the given length.
     let sent =
         unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
     if sent < 0 {

@@ -46,35 +46,16 @@ pub fn run(args: LoadArgs) -> ExitCode {
             hold,
             json,
         }) => match observe::run_observe(&config, relations, hold) {
-            Ok(report) => {
-                if json {
-                    println!("{}", report.to_json());
-                } else {
-                    print!("{}", report.to_text());
-                }
-                if report.all_ok() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
-            }
+            Ok(r) => print_report(json, || r.to_json(), || r.to_text(), r.all_ok()),
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(2)
             }
         },
         Ok(args::Mode::Load { config, json }) => match run_load(&config) {
-            Ok(report) => {
-                if json {
-                    println!("{}", report.to_json());
-                } else {
-                    print!("{}", report.to_text());
-                }
-                if report.errors == 0 && report.timeouts == 0 && report.unfinished == 0 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                }
+            Ok(r) => {
+                let ok = r.errors == 0 && r.timeouts == 0 && r.unfinished == 0;
+                print_report(json, || r.to_json(), || r.to_text(), ok)
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -95,5 +76,25 @@ fn exit(r: Result<(), String>) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Prints a run's report (one JSON object with `--json`, else text); exit status 0 when
+/// everything succeeded, 1 otherwise.
+fn print_report(
+    json: bool,
+    to_json: impl FnOnce() -> String,
+    to_text: impl FnOnce() -> String,
+    ok: bool,
+) -> ExitCode {
+    if json {
+        println!("{}", to_json());
+    } else {
+        print!("{}", to_text());
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
