@@ -35,6 +35,11 @@
 #        ROWS="b d d@32 d1 a1"  (only these rows; default: all)
 #        BUSY_POLL_US=200  (the gateway's [coap] busy_poll_us in row d1-bp only; the other rows
 #        run with the default, off)
+#        PIN=split  (CPU placement for every row alike: every hop -- udp-relay, the gateways,
+#        aiocoap-proxy -- on CPU 1, everything else -- the load tool, udp-echo, the origins --
+#        on CPU 0, as a deployment that gives the gateway its own core would)
+#        PIN=one    (every process on CPU 0: no cross-CPU wake-ups at all)
+#        Default: no pinning, the kernel places the processes.
 set -euo pipefail
 
 N=${N:-20000}
@@ -47,6 +52,7 @@ PORT_BASE=${PORT_BASE:-47300}
 LIMIT=${LIMIT:-60}
 ROWS=${ROWS:-}
 BUSY_POLL_US=${BUSY_POLL_US:-200}
+PIN=${PIN:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/target/interop/venv}
 [ -x "$VENV/bin/python" ] || VENV=/work/main/target/interop/venv
@@ -81,6 +87,17 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# on_hop CMD... / on_rest CMD...: exec CMD on the hop's / the others' CPU per PIN (exec, so that
+# `start`'s $! is the program's own PID).
+case "$PIN" in
+    "") HOP_CPU=""; REST_CPU="" ;;
+    split) HOP_CPU=1; REST_CPU=0 ;;
+    one) HOP_CPU=0; REST_CPU=0 ;;
+    *) echo "PIN=$PIN: expected split or one" >&2; exit 2 ;;
+esac
+on_hop() { if [ -n "$HOP_CPU" ]; then exec taskset -c "$HOP_CPU" "$@"; else exec "$@"; fi; }
+on_rest() { if [ -n "$REST_CPU" ]; then exec taskset -c "$REST_CPU" "$@"; else exec "$@"; fi; }
 
 # start NAME CMD...: runs CMD in the background, logs to $TMP/NAME.log, sets $LAST_PID.
 start() {
@@ -126,7 +143,7 @@ measure() {
     want "$id" || return 0
     local before=0 after=0 p json
     for p in $servers; do before=$((before + $(ticks "$p"))); done
-    json=$("$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
+    json=$(on_rest "$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
     for p in $servers; do after=$((after + $(ticks "$p"))); done
     local rss
     rss=$(hwm_kb "$hop")
@@ -152,13 +169,13 @@ ECHO=$P; RELAY=$((P + 1)); ORIGIN=$((P + 2)); GW=$((P + 3)); OORIGIN=$((P + 4))
 AIO_FS=$((P + 5)); AIO_PROXY=$((P + 6)); AIO_OFS=$((P + 7))
 
 echo "== (a) load -> udp-echo" >&2
-start echo "$BIN" load --udp-echo 127.0.0.1:$ECHO --max-seconds 600; E=$LAST_PID
+start echo on_rest "$BIN" load --udp-echo 127.0.0.1:$ECHO --max-seconds 600; E=$LAST_PID
 wait_port $ECHO
 measure a "load -> udp-echo" "$E" "$E" -- coap://127.0.0.1:$ECHO/x --count "$N" --window "$W"
 measure a1 "load -> udp-echo" "$E" "$E" -- coap://127.0.0.1:$ECHO/x --count "$N1" --window 1
 
 echo "== (b) load -> udp-relay -> udp-echo" >&2
-start relay "$BIN" load --udp-relay 127.0.0.1:$RELAY --to 127.0.0.1:$ECHO --max-seconds 600; R=$LAST_PID
+start relay on_hop "$BIN" load --udp-relay 127.0.0.1:$RELAY --to 127.0.0.1:$ECHO --max-seconds 600; R=$LAST_PID
 wait_port $RELAY
 measure b "load -> udp-relay -> udp-echo" "$R $E" "$R" -- coap://127.0.0.1:$RELAY/x --count "$N" --window "$W"
 measure b1 "load -> udp-relay -> udp-echo" "$R $E" "$R" -- coap://127.0.0.1:$RELAY/x --count "$N1" --window 1
@@ -172,8 +189,8 @@ nstart = $NSTART
 [policy]
 plain_forwarding = true
 TOML
-start origin "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
-start gw-plain "$BIN" run --config "$TMP/plain.toml"; G=$LAST_PID
+start origin on_rest "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
+start gw-plain on_hop "$BIN" run --config "$TMP/plain.toml"; G=$LAST_PID
 wait_port $ORIGIN; wait_port $GW
 measure c "load -> gateway (plain) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$ORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
 stop_all
@@ -204,19 +221,19 @@ TOML
 oscore_toml "$NSTART" >"$TMP/oscore.toml"
 oscore_toml 1 >"$TMP/oscore-n1.toml"
 oscore_toml "$NSTART" "$BUSY_POLL_US" >"$TMP/oscore-bp.toml"
-start oorigin "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx-d/server.json" --max-seconds 600; O=$LAST_PID
-start gw-oscore "$BIN" run --config "$TMP/oscore.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
+start oorigin on_rest "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx-d/server.json" --max-seconds 600; O=$LAST_PID
+start gw-oscore on_hop "$BIN" run --config "$TMP/oscore.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
 wait_port $OORIGIN; wait_port $GW
 measure d "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
 measure d@32 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W32"
 measure d1 "load -> gateway (OSCORE out) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N1" --window 1
 stop_pid "$G"
-start gw-oscore-n1 "$BIN" run --config "$TMP/oscore-n1.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
+start gw-oscore-n1 on_hop "$BIN" run --config "$TMP/oscore-n1.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
 wait_port $GW
 measure d-n1 "same as d, gateway nstart = 1" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
 if want d1-bp; then
     stop_pid "$G"
-    start gw-oscore-bp "$BIN" run --config "$TMP/oscore-bp.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
+    start gw-oscore-bp on_hop "$BIN" run --config "$TMP/oscore-bp.toml" --credentials "$TMP/ctx-d/gw.json"; G=$LAST_PID
     wait_port $GW
     measure d1-bp "same as d1, gateway busy_poll_us = $BUSY_POLL_US" "$G $O" "$G" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N1" --window 1
 fi
@@ -241,8 +258,8 @@ plain_forwarding = false
 target = "coap://127.0.0.1:$ORIGIN"
 allow = [":client1"]
 TOML
-start origin "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
-start gw-inbound "$BIN" run --config "$TMP/inbound.toml" --credentials "$TMP/ctx-e/gw.json"; G=$LAST_PID
+start origin on_rest "$BIN" load --serve 127.0.0.1:$ORIGIN --max-seconds 600; O=$LAST_PID
+start gw-inbound on_hop "$BIN" run --config "$TMP/inbound.toml" --credentials "$TMP/ctx-e/gw.json"; G=$LAST_PID
 wait_port $ORIGIN; wait_port $GW
 measure e "OSCORE load -> gateway (inbound) -> origin" "$G $O" "$G" -- coap://127.0.0.1:$GW/x --credentials "$TMP/ctx-e/client.json" --count "$N" --window "$W"
 stop_all
@@ -250,15 +267,15 @@ stop_all
 if [ -n "$HAVE_VENV" ]; then
     echo "== (f) load -> aiocoap-proxy -> aiocoap-fileserver" >&2
     mkdir -p "$TMP/data"; printf 'hello world, a 30 byte file.\n' >"$TMP/data/hello.txt"
-    start fs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_FS; FS=$LAST_PID
-    start aproxy "$VENV/bin/aiocoap-proxy" --forward --bind 127.0.0.1:$AIO_PROXY; AP=$LAST_PID
+    start fs on_rest "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_FS; FS=$LAST_PID
+    start aproxy on_hop "$VENV/bin/aiocoap-proxy" --forward --bind 127.0.0.1:$AIO_PROXY; AP=$LAST_PID
     wait_port $AIO_FS; wait_port $AIO_PROXY
     measure f "load -> aiocoap-proxy -> aiocoap-fileserver" "$AP $FS" "$AP" -- coap://127.0.0.1:$AIO_FS/hello.txt --proxy coap://127.0.0.1:$AIO_PROXY --proxy-scheme --count "$NF" --window "$W32"
     stop_all
 
     echo "== (g) load with OSCORE -> aiocoap-fileserver" >&2
     "$VENV/bin/python" "$INTEROP/make_contexts.py" "$TMP/ctx-g" bench=03 --port $AIO_OFS --host 127.0.0.1 >/dev/null
-    start ofs "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_OFS --credentials "$TMP/ctx-g/server.json"; FS=$LAST_PID
+    start ofs on_rest "$VENV/bin/aiocoap-fileserver" "$TMP/data" --bind 127.0.0.1:$AIO_OFS --credentials "$TMP/ctx-g/server.json"; FS=$LAST_PID
     wait_port $AIO_OFS
     measure g "load OSCORE -> aiocoap-fileserver" "$FS" "$FS" -- coap://127.0.0.1:$AIO_OFS/hello.txt --credentials "$TMP/ctx-g/bench.json" --count "$NF" --window "$W32"
     stop_all
@@ -268,6 +285,11 @@ else
 fi
 
 echo
+case "$PIN" in
+    split) echo "placement: PIN=split: hops on CPU 1; load tool, echo and origins on CPU 0" ;;
+    one) echo "placement: PIN=one: every process on CPU 0" ;;
+    *) echo "placement: not pinned (the kernel places the processes)" ;;
+esac
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "N=$N W=$W (d@32: W=$W32; aiocoap scenarios N=$NF W=$W32; W=1 rows N=$N1); gateway [coap] nstart=$NSTART except d-n1; release build, RUSTFLAGS='${RUSTFLAGS:-}'; CPU = server-side processes (hop + origin) per 100k requests; RSS = the hop's peak (VmHWM)"
 echo
