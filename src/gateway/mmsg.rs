@@ -149,7 +149,16 @@ pub const SEND_BATCH: usize = 32;
 /// non-blocking `sendmmsg`: `Ok(n)` with the number sent (≥ 1; the rest may be retried),
 /// or the error of the first (`WouldBlock` when the send buffer is full).
 pub fn send_batch(fd: RawFd, datagrams: &[Vec<u8>]) -> io::Result<usize> {
-    send_mmsg(fd, datagrams.len(), |i| (datagrams[i].as_slice(), None))
+    send_batch_with(fd, datagrams.len(), |i| datagrams[i].as_slice())
+}
+
+/// `send_batch` for `n` datagrams held elsewhere, datagram `i` being `item(i)`.
+pub fn send_batch_with<'a>(
+    fd: RawFd,
+    n: usize,
+    item: impl Fn(usize) -> &'a [u8],
+) -> io::Result<usize> {
+    send_mmsg(fd, n, |i| (item(i), None))
 }
 
 /// Sends `n` datagrams (at most `SEND_BATCH` of them), datagram `i` being `item(i)` =

@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::client::transport::random_bytes;
 use crate::coap::option::encode_uint;
 use crate::coap::{number, CoapUri, Code, MessageBuilder, MessageType, MessageView};
-use crate::gateway::mmsg::RecvBatch;
+use crate::gateway::mmsg::{send_batch_with, RecvBatch};
 use crate::oscore::{protect_request, unprotect_response, RequestBinding};
 
 use super::oscore_ctx::{client_context, OpenedContext};
@@ -113,6 +113,8 @@ struct Generator<'c> {
     oscore: Option<OpenedContext>,
     slots: Vec<Slot>,
     free: Vec<usize>,
+    /// Slots whose first transmission waits for the next `flush` (one sendmmsg for all).
+    unsent: Vec<usize>,
     /// One request template per target (`cfg.spread`, or just `cfg.uri`).
     templates: Vec<Vec<u8>>,
     next_target: usize,
@@ -310,6 +312,7 @@ impl<'c> Generator<'c> {
             oscore,
             slots,
             free: (0..cfg.window).rev().collect(),
+            unsent: Vec::with_capacity(cfg.window),
             mid_slot: vec![0; 65536],
             next_mid: u16::from_be_bytes(random_bytes::<2>()),
             next_serial: 0,
@@ -349,6 +352,7 @@ impl<'c> Generator<'c> {
                 let Some(i) = self.free.pop() else { break };
                 self.start(i, now)?;
             }
+            self.flush();
             let mut received = false;
             loop {
                 match batch.recv(fd) {
@@ -369,6 +373,7 @@ impl<'c> Generator<'c> {
             if self.earliest_deadline.is_some_and(|d| now >= d) {
                 self.check_timers(now)?;
             }
+            self.flush();
             if !received && (self.free.is_empty() || self.started >= self.cfg.count) {
                 let wake = self.earliest_deadline.map_or(end, |d| d.min(end));
                 self.wait_readable(wake.saturating_duration_since(now));
@@ -499,10 +504,30 @@ impl<'c> Generator<'c> {
             s.retransmits_left = 0;
             s.next_retransmit = None;
         }
-        // A failed send (full buffer) is loss; the retransmission or timeout handles it.
-        let _ = self.socket.send(&s.wire);
         let d = slot_deadline(s);
         self.earliest_deadline = Some(self.earliest_deadline.map_or(d, |e| e.min(d)));
+        self.unsent.push(i);
+    }
+
+    /// Sends the first transmissions queued by `transmit_first`, up to `SEND_BATCH` per
+    /// sendmmsg: under load the generator's own syscalls per request fall, so that it is
+    /// not the bottleneck. A failed send (full buffer) is loss; the retransmission or
+    /// timeout handles it.
+    fn flush(&mut self) {
+        let fd = self.socket.as_raw_fd();
+        let mut done = 0;
+        while done < self.unsent.len() {
+            let rest = &self.unsent[done..];
+            let slots = &self.slots;
+            match send_batch_with(fd, rest.len(), |k| slots[rest[k]].wire.as_slice()) {
+                Ok(n) => done += n.max(1),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // e.g. ECONNREFUSED from an earlier ICMP error: that one datagram is lost
+                Err(_) => done += 1,
+            }
+        }
+        self.unsent.clear();
     }
 
     fn complete(&mut self, i: usize) {

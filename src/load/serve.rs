@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::client::transport::random_bytes;
 use crate::coap::option::{decode_uint, encode_uint};
 use crate::coap::{number, Code, MessageBuilder, MessageType, MessageView};
+use crate::gateway::mmsg::send_batch_to;
 use crate::oscore::{
     parse_request_kid, protect_response, unprotect_request, OscoreError, RequestBinding,
 };
@@ -49,6 +50,9 @@ pub const MAX_RELATIONS_LIMIT: usize = 1_000_000;
 /// RFC 7641 §4.4: Observe values are 24 bits.
 const OBSERVE_MODULUS: u32 = 1 << 24;
 
+/// Datagrams per recvmmsg, and answers per sendmmsg (`mmsg::SEND_BATCH`).
+const BATCH: usize = crate::gateway::mmsg::SEND_BATCH;
+
 /// Serves until SIGINT/SIGTERM or `max_seconds`, then closes the contexts.
 pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
     signal::install();
@@ -71,7 +75,11 @@ pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
     origin.set_observe(cfg.notify_interval, cfg.max_relations);
     let end = cfg.max_seconds.map(|d| Instant::now() + d);
     // Every datagram waiting is taken in one recvmmsg: one syscall per batch under load.
-    let mut batch = crate::gateway::mmsg::RecvBatch::new(32);
+    let mut batch = crate::gateway::mmsg::RecvBatch::new(BATCH);
+    // answer k of a batch and its destination
+    let mut outs: Vec<(Vec<u8>, SocketAddr)> = (0..BATCH)
+        .map(|_| (Vec::with_capacity(2048), addr))
+        .collect();
     let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
     let mut out = Vec::with_capacity(2048);
     let result = loop {
@@ -96,12 +104,27 @@ pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
             }
             Err(e) => break Err(format!("serve on {addr}: {e}")),
         };
+        // The answers to one batch leave in one sendmmsg (a full send buffer is loss, as
+        // for any UDP origin; the client retransmits).
+        let mut answers = 0;
         for i in 0..n {
             let (datagram, from) = batch.get(i);
             if let Some(from) = from {
-                if origin.handle_from(datagram, from, &mut out) {
-                    let _ = socket.send_to(&out, from);
+                if origin.handle_from(datagram, from, &mut outs[answers].0) {
+                    outs[answers].1 = from;
+                    answers += 1;
                 }
+            }
+        }
+        let mut done = 0;
+        while done < answers {
+            let rest = &outs[done..answers];
+            let sent = send_batch_to(fd, rest.len(), |k| (rest[k].0.as_slice(), rest[k].1));
+            match sent {
+                Ok(k) => done += k.max(1),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => done += 1,
             }
         }
     };
