@@ -162,62 +162,107 @@ impl Protection for OscoreProtection {
 /// The contexts this process has opened, by directory. A directory is opened at its first
 /// use and kept open (and locked) until `close_all`; a failed open is not remembered, so a
 /// context that was locked by another process is tried again by the next request.
+///
+/// Each directory has its own once-slot: the map's lock is held only to find or insert the
+/// slot, never across an open, so opens of different contexts proceed concurrently (their
+/// durable writes then share journal commits) while two requests for one directory still
+/// never open it twice (the second waits on the slot).
 #[derive(Default)]
 pub struct ContextCache {
-    open: tokio::sync::Mutex<super::FastMap<PathBuf, Arc<OscoreProtection>>>,
+    open: std::sync::Mutex<super::FastMap<PathBuf, Arc<Slot>>>,
 }
+
+type Slot = tokio::sync::OnceCell<Arc<OscoreProtection>>;
 
 impl ContextCache {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The open context for `dir`, opening it (off the async threads) if needed.
-    pub async fn get(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
-        // Held across the open, so that two requests never open one directory twice.
-        let mut open = self.open.lock().await;
-        if let Some(p) = open.get(dir) {
-            if !p.persister.is_closed() {
-                return Ok(Arc::clone(p));
+    fn map(&self) -> std::sync::MutexGuard<'_, super::FastMap<PathBuf, Arc<Slot>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The slot for `dir`; a slot whose context was closed is replaced by an empty one.
+    fn slot(&self, dir: &Path) -> Arc<Slot> {
+        let mut map = self.map();
+        if let Some(slot) = map.get(dir) {
+            match slot.get() {
+                Some(p) if p.persister.is_closed() => {}
+                _ => return Arc::clone(slot),
             }
         }
-        let owned = dir.to_owned();
-        let opened = tokio::task::spawn_blocking(move || OscoreProtection::open(&owned))
-            .await
-            .map_err(|_| ContextError::Interrupted {
-                dir: dir.to_owned(),
-            })??;
-        let opened = Arc::new(opened);
-        open.insert(dir.to_owned(), Arc::clone(&opened));
-        Ok(opened)
+        let slot = Arc::new(Slot::new());
+        map.insert(dir.to_owned(), Arc::clone(&slot));
+        slot
+    }
+
+    /// The open context for `dir`, opening it (off the async threads) if needed.
+    pub async fn get(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
+        let slot = self.slot(dir);
+        let opened = slot
+            .get_or_try_init(|| async {
+                let owned = dir.to_owned();
+                let opened = tokio::task::spawn_blocking(move || OscoreProtection::open(&owned))
+                    .await
+                    .map_err(|_| ContextError::Interrupted {
+                        dir: dir.to_owned(),
+                    })??;
+                Ok::<_, ContextError>(Arc::new(opened))
+            })
+            .await?;
+        Ok(Arc::clone(opened))
     }
 
     /// Like `get`, but synchronous, for loading the server-side contexts before the
-    /// gateway serves (blocking file I/O; nothing else can hold the cache then).
+    /// gateway serves (blocking file I/O; nothing else uses the cache then).
     pub fn open_at_load(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
-        let Ok(mut open) = self.open.try_lock() else {
-            return Err(ContextError::Interrupted {
-                dir: dir.to_owned(),
-            });
-        };
-        if let Some(p) = open.get(dir) {
-            if !p.persister.is_closed() {
-                return Ok(Arc::clone(p));
-            }
+        let slot = self.slot(dir);
+        if let Some(p) = slot.get() {
+            return Ok(Arc::clone(p));
         }
         let opened = Arc::new(OscoreProtection::open(dir)?);
-        open.insert(dir.to_owned(), Arc::clone(&opened));
+        slot.set(Arc::clone(&opened))
+            .map_err(|_| ContextError::Interrupted {
+                dir: dir.to_owned(),
+            })?;
         Ok(opened)
     }
 
     /// Closes every open context (exact sequence.json written, lock released) and returns
-    /// the failures. Blocking file I/O.
+    /// the failures. Blocking file I/O, spread over a few blocking threads so that the
+    /// durable writes of many contexts share journal commits.
     pub async fn close_all(&self) -> Vec<(PathBuf, StoreError)> {
-        let contexts: Vec<_> = self.open.lock().await.drain().collect();
+        let contexts: Vec<(PathBuf, Arc<OscoreProtection>)> = self
+            .map()
+            .drain()
+            .filter_map(|(dir, slot)| slot.get().map(|p| (dir, Arc::clone(p))))
+            .collect();
+        const CLOSERS: usize = 16;
+        let per_closer = contexts.len().div_ceil(CLOSERS).max(1);
+        let mut groups = Vec::new();
+        let mut rest = contexts;
+        while !rest.is_empty() {
+            let tail = rest.split_off(per_closer.min(rest.len()));
+            groups.push(std::mem::replace(&mut rest, tail));
+        }
+        let close_group = |group: Vec<(PathBuf, Arc<OscoreProtection>)>| {
+            group
+                .into_iter()
+                .filter_map(|(dir, p)| p.close().err().map(|e| (dir, e)))
+                .collect::<Vec<_>>()
+        };
+        let mut tasks = Vec::new();
+        for group in groups {
+            tasks.push(tokio::task::spawn_blocking(move || close_group(group)));
+        }
         let mut failures = Vec::new();
-        for (dir, p) in contexts {
-            if let Err(e) = p.close() {
-                failures.push((dir, e));
+        for task in tasks {
+            // A closer that panicked leaves its contexts to be closed on drop.
+            if let Ok(mut f) = task.await {
+                failures.append(&mut f);
             }
         }
         failures
@@ -225,6 +270,10 @@ impl ContextCache {
 
     /// The directories open now.
     pub async fn open_dirs(&self) -> Vec<PathBuf> {
-        self.open.lock().await.keys().cloned().collect()
+        self.map()
+            .iter()
+            .filter(|(_, slot)| slot.get().is_some_and(|p| !p.persister.is_closed()))
+            .map(|(dir, _)| dir.clone())
+            .collect()
     }
 }
