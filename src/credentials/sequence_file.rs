@@ -369,6 +369,55 @@ mod tests {
     }
 
     #[test]
+    fn group_write_replaces_every_file_and_reports_failures_per_item() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..20)
+            .map(|i| {
+                let d = tmp.path().join(format!("c{i}"));
+                std::fs::create_dir(&d).unwrap();
+                d
+            })
+            .collect();
+        // c7: a non-empty directory where sequence.json should be, so its rename fails.
+        std::fs::create_dir_all(dirs[7].join(SEQUENCE_FILE).join("blocker")).unwrap();
+        let state = |i: u64| SequenceState {
+            next_to_send: 1000 + i,
+            received: Received::Unknown,
+        };
+        let items: Vec<(&Path, SequenceState)> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.as_path(), state(i as u64)))
+            .collect();
+        let results = write_sequence_files(&items);
+        assert_eq!(results.len(), 20);
+        for (i, (d, r)) in dirs.iter().zip(&results).enumerate() {
+            let leftovers: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n.to_string_lossy().starts_with(".sequence-"))
+                .collect();
+            assert!(leftovers.is_empty(), "{leftovers:?} in {}", d.display());
+            if i == 7 {
+                let e = r.as_ref().unwrap_err().to_string();
+                assert!(e.contains("renaming") && e.contains("c7"), "{e}");
+                continue;
+            }
+            r.as_ref().unwrap();
+            let text = std::fs::read_to_string(d.join(SEQUENCE_FILE)).unwrap();
+            assert_eq!(text, state(i as u64).to_json());
+        }
+        // A directory listed twice: both items succeed, the later state wins.
+        let d = dirs[0].as_path();
+        let twice = [(d, state(1)), (d, state(2))];
+        assert!(write_sequence_files(&twice).iter().all(Result::is_ok));
+        assert_eq!(
+            std::fs::read_to_string(d.join(SEQUENCE_FILE)).unwrap(),
+            state(2).to_json()
+        );
+    }
+
+    #[test]
     fn aiocoap_samples_round_trip_byte_exact() {
         for sample in [
             r#"{"next-to-send": 0, "received": {"index": 0, "bitfield": 2047}}"#,
