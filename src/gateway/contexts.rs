@@ -167,12 +167,27 @@ impl Protection for OscoreProtection {
 /// slot, never across an open, so opens of different contexts proceed concurrently (their
 /// durable writes then share journal commits) while two requests for one directory still
 /// never open it twice (the second waits on the slot).
-#[derive(Default)]
 pub struct ContextCache {
     open: std::sync::Mutex<super::FastMap<PathBuf, Arc<Slot>>>,
+    /// Bounds the opens in flight (each holds a blocking thread): enough for their durable
+    /// writes to share journal commits, without a burst of first uses growing the blocking
+    /// pool to hundreds of threads.
+    opening: tokio::sync::Semaphore,
 }
 
 type Slot = tokio::sync::OnceCell<Arc<OscoreProtection>>;
+
+/// Opens in flight at once (see `ContextCache::opening`).
+const CONCURRENT_OPENS: usize = 16;
+
+impl Default for ContextCache {
+    fn default() -> Self {
+        Self {
+            open: std::sync::Mutex::default(),
+            opening: tokio::sync::Semaphore::new(CONCURRENT_OPENS),
+        }
+    }
+}
 
 impl ContextCache {
     pub fn new() -> Self {
@@ -204,6 +219,8 @@ impl ContextCache {
         let slot = self.slot(dir);
         let opened = slot
             .get_or_try_init(|| async {
+                // Never closed, so acquire cannot fail; a failure would only skip the bound.
+                let _permit = self.opening.acquire().await.ok();
                 let owned = dir.to_owned();
                 let opened = tokio::task::spawn_blocking(move || OscoreProtection::open(&owned))
                     .await
