@@ -294,3 +294,61 @@ impl ContextCache {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context_dir(parent: &Path, name: &str) -> PathBuf {
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("settings.json"),
+            r#"{"sender-id_hex": "01", "recipient-id_ascii": "file", "secret_ascii": "Correct Horse Battery Staple"}"#,
+        )
+        .unwrap();
+        dir
+    }
+
+    /// Many tasks asking for the same and for different directories at once: each
+    /// directory is opened exactly once (one shared handle; a second open would fail on
+    /// the lock), and after `close_all` a directory is opened afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_gets_open_each_directory_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..24)
+            .map(|i| context_dir(tmp.path(), &format!("c{i}")))
+            .collect();
+        let cache = Arc::new(ContextCache::new());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            for d in &dirs {
+                let (cache, d) = (Arc::clone(&cache), d.clone());
+                tasks.push(tokio::spawn(
+                    async move { cache.get(&d).await.map(|p| (d, p)) },
+                ));
+            }
+        }
+        let mut first: std::collections::HashMap<PathBuf, Arc<OscoreProtection>> =
+            std::collections::HashMap::new();
+        for t in tasks {
+            let (d, p) = t.await.unwrap().unwrap();
+            let same = first.entry(d).or_insert_with(|| Arc::clone(&p));
+            assert!(Arc::ptr_eq(same, &p), "{} opened twice", p.dir().display());
+        }
+        assert_eq!(first.len(), dirs.len());
+        let mut open = cache.open_dirs().await;
+        open.sort();
+        let mut expected = dirs.clone();
+        expected.sort();
+        assert_eq!(open, expected);
+        drop(first);
+        assert!(cache.close_all().await.is_empty());
+        assert!(cache.open_dirs().await.is_empty());
+        // The locks were released: the directory opens again (a second open while it
+        // is open would be refused).
+        let again = cache.get(&dirs[0]).await.unwrap();
+        assert!(!again.persister().is_closed());
+        assert!(cache.close_all().await.is_empty());
+    }
+}
