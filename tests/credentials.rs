@@ -614,6 +614,55 @@ fn marks_grow_like_aiocoap_and_always_cover_every_number_handed_out() {
     assert_eq!(read_state(&d).next_to_send, 20_000);
 }
 
+/// Many busy contexts: the persister raises their marks in batches (one group of durable
+/// writes); every number any thread gets is below the mark on disk at that moment, the
+/// numbers of each context are unique and gap-free, and every file holds its final mark.
+#[test]
+fn many_busy_contexts_are_raised_in_batches_and_never_outrun_the_disk() {
+    const CONTEXTS: usize = 64;
+    const USES: u64 = 200;
+    let tmp = tempdir();
+    let store = ContextStore::new();
+    let dirs: Vec<PathBuf> = (0..CONTEXTS)
+        .map(|i| doc_context(tmp.path(), &format!("c{i}")))
+        .collect();
+    let opened: Vec<_> = dirs.iter().map(|d| store.open(d).unwrap()).collect();
+    let got: Vec<Mutex<Vec<u64>>> = (0..CONTEXTS).map(|_| Mutex::new(Vec::new())).collect();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (opened, dirs, got) = (&opened, &dirs, &got);
+            s.spawn(move || {
+                for round in 0..USES / 4 {
+                    for k in 0..CONTEXTS {
+                        // Each thread walks the contexts from another starting point.
+                        let i = (k + t * CONTEXTS / 4 + round as usize) % CONTEXTS;
+                        let n = opened[i].persister.next_sequence_number().unwrap().0;
+                        let on_disk = read_state(&dirs[i]).next_to_send;
+                        assert!(
+                            on_disk > n,
+                            "c{i}: number {n} handed out with {on_disk} on disk"
+                        );
+                        got[i].lock().unwrap().push(n);
+                    }
+                }
+            });
+        }
+    });
+    for (i, (ctx, d)) in opened.iter().zip(&dirs).enumerate() {
+        let mut mine = std::mem::take(&mut *got[i].lock().unwrap());
+        mine.sort_unstable();
+        assert_eq!(mine, (0..USES).collect::<Vec<_>>(), "c{i}");
+        let mark = read_state(d).next_to_send;
+        assert!(
+            mark >= USES && mark == ctx.persister.persisted_limit(),
+            "c{i}: {mark}"
+        );
+        ctx.persister.close().unwrap();
+        assert_eq!(read_state(d).next_to_send, USES);
+        assert!(leftovers(d).is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_reservations_from_many_tasks_are_unique_and_persisted() {
     let tmp = tempdir();

@@ -4,9 +4,11 @@
 //! `SenderSequence`; when the headroom below the persisted mark falls under half the current
 //! chunk, the caller sets a flag and sends the context down a channel (one atomic swap and
 //! one channel send per threshold crossing, nothing else on the request path). A single
-//! background thread serves all contexts of a process: it doubles the chunk (10 up to
-//! 10000, as aiocoap), writes the new mark durably, and only then raises the limit in memory
-//! and wakes any caller that ran into it.
+//! background thread serves all contexts of a process: it takes every queued context as one
+//! batch, doubles each one's chunk (10 up to 10000, as aiocoap), writes all new marks
+//! durably as a group (`write_sequence_files`: one `syncfs` per filesystem instead of one
+//! journal commit per file, so many busy contexts do not make it fsync-bound), and only then
+//! raises each limit in memory and wakes any caller that ran into it.
 //!
 //! Why one std thread and not tokio: the writes are blocking (fsync) and must go on while a
 //! runtime shuts down and in programs without one (`check`, tests); a dedicated thread is
@@ -24,7 +26,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use super::lock::ContextLock;
-use super::sequence_file::{write_sequence_file, Received, SequenceFileError, SequenceState};
+use super::sequence_file::{
+    write_sequence_file, write_sequence_files, Received, SequenceFileError, SequenceState,
+};
 use crate::oscore::sequence::MAX_SENDER_SEQUENCE_NUMBER;
 use crate::oscore::{ReplayWindow, SenderSequence};
 
@@ -47,10 +51,92 @@ pub const METRIC_SEQUENCE_WAITS: &str = "oscore_sequence_wait_total";
 
 pub(crate) type Job = Arc<Shared>;
 
-/// The background thread's end of the channel.
+/// Most contexts the persister raises in one batch (one group of durable writes).
+const MAX_BATCH: usize = 4096;
+
+/// The background thread's end of the channel: waits for a job, then takes every job
+/// already queued (up to `MAX_BATCH`) and raises their marks as one batch.
 pub(crate) fn run(jobs: Receiver<Job>) {
-    while let Ok(shared) = jobs.recv() {
-        shared.raise_mark();
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        raise_marks(&batch);
+    }
+}
+
+/// The persister's job for a batch of contexts: for each whose headroom is below half a
+/// chunk, double its chunk and plan the new mark; write all planned marks durably as one
+/// group (`write_sequence_files`); then, for each write that succeeded, let callers use the
+/// numbers below its mark. Each context's `io` lock is held from planning until its limit
+/// is raised, so a concurrent `close` cannot be overwritten by a stale mark.
+fn raise_marks(batch: &[Job]) {
+    // Cleared first: a nudge that arrives while we write queues another job, which then
+    // finds nothing to do unless the headroom is low again.
+    for shared in batch {
+        shared.nudged.store(false, Ordering::Release);
+    }
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    // (context, its io guard, planned chunk and mark)
+    let mut planned = Vec::new();
+    let mut done: Vec<&Shared> = Vec::with_capacity(batch.len());
+    for shared in batch {
+        if !seen.insert(Arc::as_ptr(shared)) {
+            continue;
+        }
+        done.push(shared);
+        let io = lock(&shared.io);
+        if let Some((chunk, mark)) = shared.plan_raise(&io) {
+            planned.push((&**shared, io, chunk, mark));
+        }
+    }
+    let items: Vec<(&Path, SequenceState)> = planned
+        .iter()
+        .map(|(shared, _, _, mark)| {
+            let state = SequenceState {
+                next_to_send: *mark,
+                received: Received::Unknown,
+            };
+            (shared.dir(), state)
+        })
+        .collect();
+    let started = Instant::now();
+    let results = write_sequence_files(&items);
+    let per_write = started.elapsed().as_secs_f64() / items.len().max(1) as f64;
+    let mut outcomes = std::collections::HashMap::with_capacity(planned.len());
+    for ((shared, mut io, chunk, mark), result) in planned.into_iter().zip(results) {
+        match result {
+            Ok(()) => {
+                metrics::counter!(METRIC_PERSIST_TOTAL, "reason" => "raise").increment(1);
+                metrics::histogram!(METRIC_PERSIST_SECONDS, "reason" => "raise").record(per_write);
+                // App. B.1.1: the mark is on disk; only now may numbers below it go out.
+                shared.sequence.raise_persisted_limit(mark);
+                io.chunk = chunk;
+                shared.chunk.store(chunk, Ordering::Relaxed);
+                outcomes.insert(shared as *const Shared, Ok(()));
+            }
+            Err(e) => {
+                metrics::counter!(METRIC_PERSIST_ERRORS, "reason" => "raise").increment(1);
+                tracing::error!("{e}");
+                outcomes.insert(shared as *const Shared, Err(e.to_string()));
+            }
+        }
+        drop(io);
+    }
+    for shared in done {
+        let mut w = lock(&shared.wait);
+        w.generation += 1;
+        match outcomes.remove(&(shared as *const Shared)) {
+            Some(Ok(())) => w.failure = None,
+            Some(Err(message)) => w.failure = Some(message),
+            None => {}
+        }
+        drop(w);
+        shared.wake_all();
     }
 }
 
@@ -184,51 +270,22 @@ impl Shared {
         result
     }
 
-    /// The persister's job: if the headroom is below half a chunk, double the chunk, write
-    /// the new mark, then let callers use the numbers below it.
-    fn raise_mark(&self) {
-        // Cleared first: a nudge that arrives while we write queues another job, which
-        // then finds nothing to do unless the headroom is low again.
-        self.nudged.store(false, Ordering::Release);
-        let outcome = {
-            let mut io = lock(&self.io);
-            let limit = self.sequence.persisted_limit();
-            if io.closed {
-                None
-            } else if limit >= MARK_CAP {
-                // Nothing left to persist; keep the flag set so callers stop nudging.
-                self.nudged.store(true, Ordering::Release);
-                None
-            } else if self.sequence.headroom() >= (io.chunk / 2).max(1) {
-                None
-            } else {
-                let chunk = (io.chunk * 2).min(CHUNK_LIMIT);
-                let mark = (limit + chunk).min(MARK_CAP);
-                let state = SequenceState {
-                    next_to_send: mark,
-                    received: Received::Unknown,
-                };
-                match self.write(state, "raise") {
-                    Ok(()) => {
-                        // App. B.1.1: the mark is on disk; only now may numbers below it go out.
-                        self.sequence.raise_persisted_limit(mark);
-                        io.chunk = chunk;
-                        self.chunk.store(chunk, Ordering::Relaxed);
-                        Some(Ok(()))
-                    }
-                    Err(e) => Some(Err(e.to_string())),
-                }
-            }
-        };
-        let mut w = lock(&self.wait);
-        w.generation += 1;
-        match outcome {
-            Some(Ok(())) => w.failure = None,
-            Some(Err(message)) => w.failure = Some(message),
-            None => {}
+    /// Under `io`: if the headroom is below half a chunk, the doubled chunk and the new
+    /// mark to write; `None` if nothing is to be done.
+    fn plan_raise(&self, io: &Io) -> Option<(u64, u64)> {
+        let limit = self.sequence.persisted_limit();
+        if io.closed {
+            None
+        } else if limit >= MARK_CAP {
+            // Nothing left to persist; keep the flag set so callers stop nudging.
+            self.nudged.store(true, Ordering::Release);
+            None
+        } else if self.sequence.headroom() >= (io.chunk / 2).max(1) {
+            None
+        } else {
+            let chunk = (io.chunk * 2).min(CHUNK_LIMIT);
+            Some((chunk, (limit + chunk).min(MARK_CAP)))
         }
-        drop(w);
-        self.wake_all();
     }
 
     fn wake_all(&self) {

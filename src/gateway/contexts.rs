@@ -162,9 +162,31 @@ impl Protection for OscoreProtection {
 /// The contexts this process has opened, by directory. A directory is opened at its first
 /// use and kept open (and locked) until `close_all`; a failed open is not remembered, so a
 /// context that was locked by another process is tried again by the next request.
-#[derive(Default)]
+///
+/// Each directory has its own once-slot: the map's lock is held only to find or insert the
+/// slot, never across an open, so opens of different contexts proceed concurrently (their
+/// durable writes then share journal commits) while two requests for one directory still
+/// never open it twice (the second waits on the slot).
 pub struct ContextCache {
-    open: tokio::sync::Mutex<super::FastMap<PathBuf, Arc<OscoreProtection>>>,
+    open: std::sync::Mutex<super::FastMap<PathBuf, Arc<Slot>>>,
+    /// Bounds the opens in flight (each holds a blocking thread): enough for their durable
+    /// writes to share journal commits, without a burst of first uses growing the blocking
+    /// pool to hundreds of threads.
+    opening: tokio::sync::Semaphore,
+}
+
+type Slot = tokio::sync::OnceCell<Arc<OscoreProtection>>;
+
+/// Opens in flight at once (see `ContextCache::opening`).
+const CONCURRENT_OPENS: usize = 16;
+
+impl Default for ContextCache {
+    fn default() -> Self {
+        Self {
+            open: std::sync::Mutex::default(),
+            opening: tokio::sync::Semaphore::new(CONCURRENT_OPENS),
+        }
+    }
 }
 
 impl ContextCache {
@@ -172,52 +194,92 @@ impl ContextCache {
         Self::default()
     }
 
-    /// The open context for `dir`, opening it (off the async threads) if needed.
-    pub async fn get(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
-        // Held across the open, so that two requests never open one directory twice.
-        let mut open = self.open.lock().await;
-        if let Some(p) = open.get(dir) {
-            if !p.persister.is_closed() {
-                return Ok(Arc::clone(p));
+    fn map(&self) -> std::sync::MutexGuard<'_, super::FastMap<PathBuf, Arc<Slot>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The slot for `dir`; a slot whose context was closed is replaced by an empty one.
+    fn slot(&self, dir: &Path) -> Arc<Slot> {
+        let mut map = self.map();
+        if let Some(slot) = map.get(dir) {
+            match slot.get() {
+                Some(p) if p.persister.is_closed() => {}
+                _ => return Arc::clone(slot),
             }
         }
-        let owned = dir.to_owned();
-        let opened = tokio::task::spawn_blocking(move || OscoreProtection::open(&owned))
-            .await
-            .map_err(|_| ContextError::Interrupted {
-                dir: dir.to_owned(),
-            })??;
-        let opened = Arc::new(opened);
-        open.insert(dir.to_owned(), Arc::clone(&opened));
-        Ok(opened)
+        let slot = Arc::new(Slot::new());
+        map.insert(dir.to_owned(), Arc::clone(&slot));
+        slot
+    }
+
+    /// The open context for `dir`, opening it (off the async threads) if needed.
+    pub async fn get(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
+        let slot = self.slot(dir);
+        let opened = slot
+            .get_or_try_init(|| async {
+                // Never closed, so acquire cannot fail; a failure would only skip the bound.
+                let _permit = self.opening.acquire().await.ok();
+                let owned = dir.to_owned();
+                let opened = tokio::task::spawn_blocking(move || OscoreProtection::open(&owned))
+                    .await
+                    .map_err(|_| ContextError::Interrupted {
+                        dir: dir.to_owned(),
+                    })??;
+                Ok::<_, ContextError>(Arc::new(opened))
+            })
+            .await?;
+        Ok(Arc::clone(opened))
     }
 
     /// Like `get`, but synchronous, for loading the server-side contexts before the
-    /// gateway serves (blocking file I/O; nothing else can hold the cache then).
+    /// gateway serves (blocking file I/O; nothing else uses the cache then).
     pub fn open_at_load(&self, dir: &Path) -> Result<Arc<OscoreProtection>, ContextError> {
-        let Ok(mut open) = self.open.try_lock() else {
-            return Err(ContextError::Interrupted {
-                dir: dir.to_owned(),
-            });
-        };
-        if let Some(p) = open.get(dir) {
-            if !p.persister.is_closed() {
-                return Ok(Arc::clone(p));
-            }
+        let slot = self.slot(dir);
+        if let Some(p) = slot.get() {
+            return Ok(Arc::clone(p));
         }
         let opened = Arc::new(OscoreProtection::open(dir)?);
-        open.insert(dir.to_owned(), Arc::clone(&opened));
+        slot.set(Arc::clone(&opened))
+            .map_err(|_| ContextError::Interrupted {
+                dir: dir.to_owned(),
+            })?;
         Ok(opened)
     }
 
     /// Closes every open context (exact sequence.json written, lock released) and returns
-    /// the failures. Blocking file I/O.
+    /// the failures. Blocking file I/O, spread over a few blocking threads so that the
+    /// durable writes of many contexts share journal commits.
     pub async fn close_all(&self) -> Vec<(PathBuf, StoreError)> {
-        let contexts: Vec<_> = self.open.lock().await.drain().collect();
+        let contexts: Vec<(PathBuf, Arc<OscoreProtection>)> = self
+            .map()
+            .drain()
+            .filter_map(|(dir, slot)| slot.get().map(|p| (dir, Arc::clone(p))))
+            .collect();
+        const CLOSERS: usize = 16;
+        let per_closer = contexts.len().div_ceil(CLOSERS).max(1);
+        let mut groups = Vec::new();
+        let mut rest = contexts;
+        while !rest.is_empty() {
+            let tail = rest.split_off(per_closer.min(rest.len()));
+            groups.push(std::mem::replace(&mut rest, tail));
+        }
+        let close_group = |group: Vec<(PathBuf, Arc<OscoreProtection>)>| {
+            group
+                .into_iter()
+                .filter_map(|(dir, p)| p.close().err().map(|e| (dir, e)))
+                .collect::<Vec<_>>()
+        };
+        let mut tasks = Vec::new();
+        for group in groups {
+            tasks.push(tokio::task::spawn_blocking(move || close_group(group)));
+        }
         let mut failures = Vec::new();
-        for (dir, p) in contexts {
-            if let Err(e) = p.close() {
-                failures.push((dir, e));
+        for task in tasks {
+            // A closer that panicked leaves its contexts to be closed on drop.
+            if let Ok(mut f) = task.await {
+                failures.append(&mut f);
             }
         }
         failures
@@ -225,6 +287,68 @@ impl ContextCache {
 
     /// The directories open now.
     pub async fn open_dirs(&self) -> Vec<PathBuf> {
-        self.open.lock().await.keys().cloned().collect()
+        self.map()
+            .iter()
+            .filter(|(_, slot)| slot.get().is_some_and(|p| !p.persister.is_closed()))
+            .map(|(dir, _)| dir.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context_dir(parent: &Path, name: &str) -> PathBuf {
+        let dir = parent.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("settings.json"),
+            r#"{"sender-id_hex": "01", "recipient-id_ascii": "file", "secret_ascii": "Correct Horse Battery Staple"}"#,
+        )
+        .unwrap();
+        dir
+    }
+
+    /// Many tasks asking for the same and for different directories at once: each
+    /// directory is opened exactly once (one shared handle; a second open would fail on
+    /// the lock), and after `close_all` a directory is opened afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_gets_open_each_directory_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..24)
+            .map(|i| context_dir(tmp.path(), &format!("c{i}")))
+            .collect();
+        let cache = Arc::new(ContextCache::new());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            for d in &dirs {
+                let (cache, d) = (Arc::clone(&cache), d.clone());
+                tasks.push(tokio::spawn(
+                    async move { cache.get(&d).await.map(|p| (d, p)) },
+                ));
+            }
+        }
+        let mut first: std::collections::HashMap<PathBuf, Arc<OscoreProtection>> =
+            std::collections::HashMap::new();
+        for t in tasks {
+            let (d, p) = t.await.unwrap().unwrap();
+            let same = first.entry(d).or_insert_with(|| Arc::clone(&p));
+            assert!(Arc::ptr_eq(same, &p), "{} opened twice", p.dir().display());
+        }
+        assert_eq!(first.len(), dirs.len());
+        let mut open = cache.open_dirs().await;
+        open.sort();
+        let mut expected = dirs.clone();
+        expected.sort();
+        assert_eq!(open, expected);
+        drop(first);
+        assert!(cache.close_all().await.is_empty());
+        assert!(cache.open_dirs().await.is_empty());
+        // The locks were released: the directory opens again (a second open while it
+        // is open would be refused).
+        let again = cache.get(&dirs[0]).await.unwrap();
+        assert!(!again.persister().is_closed());
+        assert!(cache.close_all().await.is_empty());
     }
 }
