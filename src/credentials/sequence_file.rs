@@ -157,7 +157,10 @@ pub fn write_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), Sequ
 /// per-file fsyncs, one `syncfs(2)` per filesystem writes back all temp files (and later all
 /// renames) in a single commit, so the per-file fsyncs that follow find nothing left to do.
 /// Durability never depends on `syncfs` (its errors are ignored; older kernels do not even
-/// report them): the per-file fsyncs still run and decide the result.
+/// report them): the per-file fsyncs still run and decide the result. `syncfs` also writes
+/// back every other dirty file of that filesystem (a log writer's, say), so it is used only
+/// for groups of at least `SYNCFS_MIN_GROUP` files, where it pays for itself; the usual
+/// raise of one or a few contexts is plain per-file fsyncs.
 pub fn write_sequence_files(
     items: &[(&Path, SequenceState)],
 ) -> Vec<Result<(), SequenceFileError>> {
@@ -191,7 +194,10 @@ pub fn write_sequence_files(
             }
         }
     }
-    sync_filesystems(items.iter().map(|(dir, _)| *dir));
+    let group_sync = items.len() >= SYNCFS_MIN_GROUP;
+    if group_sync {
+        sync_filesystems(items.iter().map(|(dir, _)| *dir));
+    }
     for (i, (dir, _)) in items.iter().enumerate() {
         let Some(tmp) = temps[i].take() else { continue };
         let done = tmp
@@ -214,7 +220,9 @@ pub fn write_sequence_files(
             .filter(|(_, r)| r.is_ok())
             .map(|((dir, _), _)| *dir)
     };
-    sync_filesystems(renamed());
+    if group_sync {
+        sync_filesystems(renamed());
+    }
     let mut synced_dirs: std::collections::HashMap<&Path, Result<(), std::io::ErrorKind>> =
         std::collections::HashMap::new();
     for (i, (dir, _)) in items.iter().enumerate() {
@@ -236,6 +244,9 @@ pub fn write_sequence_files(
     }
     results
 }
+
+/// Groups of fewer files are synced file by file only (see `write_sequence_files`).
+const SYNCFS_MIN_GROUP: usize = 8;
 
 /// One `syncfs(2)` per distinct filesystem among `dirs` (a performance hint only: errors
 /// are ignored, the callers fsync each file afterwards).
