@@ -53,40 +53,13 @@ LIMIT=${LIMIT:-60}
 ROWS=${ROWS:-}
 BUSY_POLL_US=${BUSY_POLL_US:-200}
 PIN=${PIN:-}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+NAME=e2e
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 VENV=${VENV:-$ROOT/target/interop/venv}
 [ -x "$VENV/bin/python" ] || VENV=/work/main/target/interop/venv
 INTEROP=${INTEROP:-$ROOT/../shared/interop}
 [ -d "$INTEROP" ] || INTEROP=/work/shared/interop
-BIN=${BIN:-$ROOT/target/release/oscore-gateway}
-TCK=$(getconf CLK_TCK)
-
-if [ -z "${SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --bin oscore-gateway >&2)
-fi
-
-TMP=$(mktemp -d /tmp/oscore-e2e.XXXXXX)
-PIDS=()
-
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.05
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    PIDS=()
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # on_hop CMD... / on_rest CMD...: exec CMD on the hop's / the others' CPU per PIN (exec, so that
 # `start`'s $! is the program's own PID).
@@ -98,39 +71,6 @@ case "$PIN" in
 esac
 on_hop() { if [ -n "$HOP_CPU" ]; then exec taskset -c "$HOP_CPU" "$@"; else exec "$@"; fi; }
 on_rest() { if [ -n "$REST_CPU" ]; then exec taskset -c "$REST_CPU" "$@"; else exec "$@"; fi; }
-
-# start NAME CMD...: runs CMD in the background, logs to $TMP/NAME.log, sets $LAST_PID.
-start() {
-    local name=$1; shift
-    "$@" >"$TMP/$name.log" 2>&1 &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
-
-stop_all() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    PIDS=()
-}
-
-# wait_port PORT: until something has bound UDP 127.0.0.1:PORT (max 20 s).
-wait_port() {
-    local hex i
-    hex=$(printf ':%04X$' "$1")
-    for i in $(seq 1 400); do
-        # aiocoap binds an IPv6 socket (127.0.0.1 as ::ffff:127.0.0.1): look in udp6 too
-        if awk '{print $2}' /proc/net/udp /proc/net/udp6 2>/dev/null | grep -q "$hex"; then return 0; fi
-        sleep 0.05
-    done
-    echo "port $1 was not bound within 20 s; logs:" >&2
-    tail -n 20 "$TMP"/*.log >&2 || true
-    exit 1
-}
-
-ticks() { # utime+stime of PID in clock ticks (fields 14, 15 after the comm)
-    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
-}
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"

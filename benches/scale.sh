@@ -31,68 +31,14 @@ NOTIFY_MS=${NOTIFY_MS:-2000}
 PORT_BASE=${PORT_BASE:-47500}
 LIMIT=${LIMIT:-120}
 ONLY=${ONLY:-}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=$ROOT/target/release/oscore-gateway
-TCK=$(getconf CLK_TCK)
+NAME=scale
+# closing 10 000 contexts writes 10 000 sequence.json files: allow up to 120 s;
+# the origin opens 10 000 contexts before it binds: up to 300 s
+STOP_WAIT_S=120
+WAIT_PORT_S=300
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --bin oscore-gateway >&2)
-fi
-
-TMP=$(mktemp -d /tmp/oscore-scale.XXXXXX)
-PIDS=()
-
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    # closing 10 000 contexts writes 10 000 sequence.json files: allow up to 120 s
-    for i in $(seq 1 2400); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.05
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    PIDS=()
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start() {
-    local name=$1; shift
-    "$@" >"$TMP/$name.log" 2>&1 &
-    LAST_PID=$!
-    PIDS+=("$LAST_PID")
-}
-
-stop_all() {
-    local pid
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    PIDS=()
-}
-
-# wait_port PORT PID: until PID has bound UDP 127.0.0.1:PORT (max 300 s; fails if PID died).
-wait_port() {
-    local hex i
-    hex=$(printf ':%04X$' "$1")
-    for i in $(seq 1 6000); do
-        if awk '{print $2}' /proc/net/udp 2>/dev/null | grep -q "$hex"; then return 0; fi
-        kill -0 "$2" 2>/dev/null || break
-        sleep 0.05
-    done
-    echo "port $1 was not bound; logs:" >&2
-    tail -n 20 "$TMP"/*.log >&2 || true
-    exit 1
-}
-
-ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
 

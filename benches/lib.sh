@@ -1,0 +1,73 @@
+# Shared by benches/e2e.sh and benches/scale.sh (sourced, not run): the build step, the temp
+# dir, starting and stopping background processes by PID, waiting for a UDP port, and the
+# /proc readings. Before sourcing set NAME (temp dir prefix) and, optionally, STOP_WAIT_S
+# (how long a stopped process may take to exit after SIGTERM before SIGKILL; default 5)
+# and WAIT_PORT_S (how long wait_port waits; default 20).
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${BIN:-$ROOT/target/release/oscore-gateway}
+TCK=$(getconf CLK_TCK)
+STOP_WAIT_S=${STOP_WAIT_S:-5}
+WAIT_PORT_S=${WAIT_PORT_S:-20}
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    (cd "$ROOT" && cargo build --release --bin oscore-gateway >&2)
+fi
+
+TMP=$(mktemp -d "/tmp/oscore-$NAME.XXXXXX")
+PIDS=()
+
+# stop_pid PID: SIGTERM, wait up to STOP_WAIT_S, then SIGKILL.
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 1 $((STOP_WAIT_S * 20))); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_all() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    PIDS=()
+}
+
+cleanup() {
+    stop_all
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, logs to $TMP/NAME.log, sets $LAST_PID.
+start() {
+    local name=$1; shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# wait_port PORT [PID]: until something has bound UDP 127.0.0.1:PORT (at most WAIT_PORT_S;
+# gives up early when PID has died). aiocoap binds an IPv6 socket (127.0.0.1 as
+# ::ffff:127.0.0.1), so udp6 is searched too.
+wait_port() {
+    local hex i
+    hex=$(printf ':%04X$' "$1")
+    for i in $(seq 1 $((WAIT_PORT_S * 20))); do
+        if awk '{print $2}' /proc/net/udp /proc/net/udp6 2>/dev/null | grep -q "$hex"; then return 0; fi
+        if [ -n "${2:-}" ]; then kill -0 "$2" 2>/dev/null || break; fi
+        sleep 0.05
+    done
+    echo "port $1 was not bound within $WAIT_PORT_S s; logs:" >&2
+    tail -n 20 "$TMP"/*.log >&2 || true
+    exit 1
+}
+
+ticks() { # utime+stime of PID in clock ticks (fields 14, 15 after the comm)
+    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
