@@ -725,6 +725,10 @@ impl Observations {
                                 .map(<[u8]>::to_vec)
                         });
                         if let Some(echo) = echo {
+                            tracing::info!(
+                                "{uri}: the origin asked for freshness (4.01 + Echo, RFC 8613 \
+                                 App. B.1.2); registering again with its Echo"
+                            );
                             sent_echo = true;
                             up.token = random_bytes::<8>();
                             build(Some(&echo), &up.token, &mut plain)?;
