@@ -336,3 +336,19 @@ pub async fn run_request<P: Protection>(
     }
     Ok(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_is_repeated_once_and_only_after_4_01() {
+        let e: &[u8] = b"\x01\x02\x03\x04\x05\x06\x07\x08";
+        assert_eq!(echo_to_repeat(Code::UNAUTHORIZED, Some(e), false), Some(e));
+        // a second 4.01 + Echo (the request already carried one) goes to the caller
+        assert_eq!(echo_to_repeat(Code::UNAUTHORIZED, Some(e), true), None);
+        // 4.01 without Echo, or an Echo on another code, is not a freshness request
+        assert_eq!(echo_to_repeat(Code::UNAUTHORIZED, None, false), None);
+        assert_eq!(echo_to_repeat(Code::CONTENT, Some(e), false), None);
+    }
+}
