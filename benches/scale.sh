@@ -153,8 +153,8 @@ start origino "$BIN" load --serve 127.0.0.1:$OORIGINO --credentials "$TMP/ctxo/s
 wait_port $OORIGINO $O
 start gwo "$BIN" run --config "$TMP/gwo.toml" --credentials "$TMP/ctxo/gw.json"; G=$LAST_PID
 wait_port $GWO $G
-# one plain request first: the origin's App. B.1.2 Echo exchange happens on a normal request
-"$BIN" load coap://127.0.0.1:$OORIGINO/warm --proxy coap://127.0.0.1:$GWO --proxy-scheme --count 10 --window 1 >/dev/null || true
+# no warm-up: the registrations are the first requests on the context, the origin answers
+# them 4.01 + Echo (App. B.1.2) and the gateway registers again with the Echo
 rss0=$(rss_kb "$G"); g0=$(ticks "$G"); o0=$(ticks "$O")
 # sample the gateway while the relations are held
 ( sleep $((HOLD / 2 + 2)); { echo "gateway while holding $REL relations: VmRSS $(( $(rss_kb $G) / 1024 )) MB, open fds $(ls /proc/$G/fd | wc -l), threads $(awk '/^Threads/ {print $2}' /proc/$G/status)"; } >>"$EXTRA" ) &

@@ -215,9 +215,23 @@ struct Setup {
 }
 
 fn observe_through_gateway(name: &str) -> Setup {
+    observe_through_gateway_with(name, false)
+}
+
+/// `observe_through_gateway`; with `origin_lost_window` the origin starts as after a crash
+/// (sequence.json `"received": "unknown"`), so it answers the first request on the context
+/// (the registration) with 4.01 + Echo (RFC 8613 App. B.1.2).
+fn observe_through_gateway_with(name: &str, origin_lost_window: bool) -> Setup {
     let dir = TestDir::new(name);
     let origin_port = free_udp_port();
     let ctx = make_contexts_in(&dir.join("ctx"), "127.0.0.1", origin_port, &[("gw", "04")]);
+    if origin_lost_window {
+        std::fs::write(
+            server_ctx(&ctx, "gw").join("sequence.json"),
+            r#"{"next-to-send": 100, "received": "unknown"}"#,
+        )
+        .unwrap();
+    }
     let origin = start_origin(dir.path(), origin_port, &ctx.join("server.json"));
     let config = format!(
         "credentials = {:?}\n[policy]\nupstream_timeout_secs = 20\n[observe]\nmax_relations = 4\n",
@@ -367,6 +381,28 @@ fn gateway_shutdown_cancels_the_observation() {
     assert!(
         stopped,
         "origin:\n{}\ngateway:\n{log}",
+        origin_out(&s.origin)
+    );
+}
+
+/// The registration is the gateway's first request to an origin that lost its replay
+/// window: the origin answers 4.01 + Echo, the gateway registers again with the Echo
+/// (inner, new sequence number), and the client gets the first response and the
+/// notifications (`observe_through_gateway_with` checks the first response plus 3
+/// notifications and that the origin's one observer is the protected registration).
+#[test]
+fn observe_registration_answered_with_echo_is_repeated() {
+    let s = observe_through_gateway_with("gwo-echo", true);
+    assert!(
+        s.gw.log().contains("registering again with its Echo"),
+        "{}",
+        s.gw.log()
+    );
+    // exactly one registration held at the origin (the one with the Echo)
+    assert_eq!(
+        last_observers(&s.origin),
+        Some(1),
+        "{}",
         origin_out(&s.origin)
     );
 }

@@ -185,6 +185,20 @@ fn read_response(peer: std::net::SocketAddr, bytes: &[u8]) -> Result<PlainRespon
     })
 }
 
+/// The Echo value to repeat a request with, when its (verified) response with `code` and
+/// Echo option `echo` asks for freshness: RFC 9175 §2.4 / RFC 8613 App. B.1.2, a 4.01
+/// Unauthorized with an Echo means the server has no replay window for the context, and
+/// the request is repeated once, under a new sequence number, with that Echo. `None`
+/// when the request already carried an Echo (`sent_echo`): a second 4.01 is final. Shared
+/// by the client, the gateway's forwarding and its Observe registrations.
+pub fn echo_to_repeat(code: Code, echo: Option<&[u8]>, sent_echo: bool) -> Option<&[u8]> {
+    if code == Code::UNAUTHORIZED && !sent_echo {
+        echo
+    } else {
+        None
+    }
+}
+
 /// Runs one exchange, re-sending once with the server's Echo if it answers 4.01 + Echo.
 async fn exchange<P: Protection>(
     client: &mut UdpClient,
@@ -205,9 +219,8 @@ async fn exchange<P: Protection>(
         stats.exchanges += 1;
         protection.unprotect(&binding, &response, &mut out)?;
         let r = read_response(client.peer(), &out)?;
-        if r.code == Code::UNAUTHORIZED && r.echo.is_some() && ex.echo.is_none() {
-            // RFC 9175 §2.4 / RFC 8613 App. B.1.2: repeat with the Echo, fresh sequence number.
-            ex.echo = r.echo;
+        if let Some(e) = echo_to_repeat(r.code, r.echo.as_deref(), ex.echo.is_some()) {
+            ex.echo = Some(e.to_vec());
             stats.echo_retries += 1;
             continue;
         }
@@ -322,4 +335,20 @@ pub async fn run_request<P: Protection>(
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_is_repeated_once_and_only_after_4_01() {
+        let e: &[u8] = b"\x01\x02\x03\x04\x05\x06\x07\x08";
+        assert_eq!(echo_to_repeat(Code::UNAUTHORIZED, Some(e), false), Some(e));
+        // a second 4.01 + Echo (the request already carried one) goes to the caller
+        assert_eq!(echo_to_repeat(Code::UNAUTHORIZED, Some(e), true), None);
+        // 4.01 without Echo, or an Echo on another code, is not a freshness request
+        assert_eq!(echo_to_repeat(Code::UNAUTHORIZED, None, false), None);
+        assert_eq!(echo_to_repeat(Code::CONTENT, Some(e), false), None);
+    }
 }

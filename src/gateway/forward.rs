@@ -7,6 +7,7 @@
 //! answer, 5.02 when the answer is not a valid (verified) response, 5.03 when the security
 //! context cannot be used.
 
+use crate::client::request::echo_to_repeat;
 use crate::client::transport::{random_bytes, TransportError};
 use crate::client::{resolve, ClientError, Protection};
 use crate::coap::option::encode_uint;
@@ -225,12 +226,9 @@ impl<P: Protection> Leg<'_, P> {
             // App. B.1.2: the origin lost its replay window and asks for freshness. The
             // client did not send that Echo (it cannot see inside OSCORE), so the gateway
             // repeats the request once with it, under a new sequence number.
-            if protection.is_oscore()
-                && view.code == Code::UNAUTHORIZED
-                && echo.is_none()
-                && !request.has_option(number::ECHO)
-            {
-                if let Some(e) = view.option(number::ECHO) {
+            if protection.is_oscore() {
+                let sent_echo = echo.is_some() || request.has_option(number::ECHO);
+                if let Some(e) = echo_to_repeat(view.code, view.option(number::ECHO), sent_echo) {
                     echo = Some(e.to_vec());
                     continue;
                 }

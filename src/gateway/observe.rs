@@ -26,6 +26,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::client::request::echo_to_repeat;
 use crate::client::resolve;
 use crate::client::transport::random_bytes;
 use crate::coap::option::{decode_uint, encode_uint};
@@ -687,31 +688,59 @@ impl Observations {
             options: &[],
             payload: reg.request.payload,
         };
-        build_upstream_request_with(
-            reg.request,
-            &reg.target.uri,
-            reg.hop_limit,
-            None,
-            body,
-            0,
-            &up.token,
-            &mut plain,
-        )?;
+        let build = |echo: Option<&[u8]>, token: &[u8; 8], plain: &mut Vec<u8>| {
+            build_upstream_request_with(
+                reg.request,
+                &reg.target.uri,
+                reg.hop_limit,
+                echo,
+                body,
+                0,
+                token,
+                plain,
+            )
+        };
+        build(None, &up.token, &mut plain)?;
         let deadline = tokio::time::Instant::now() + reg.timeout;
         let (leg, verified) = match reg.protection {
             Some(protection) => {
                 let mut wire = Vec::with_capacity(plain.len() + 64);
-                let binding = protect(&protection, &plain, &mut wire).await?;
-                let verified = up
-                    .request(&mut wire, deadline, |d| {
-                        Some(verify(&protection, &binding, d))
-                    })
-                    .await?;
-                let leg = Leg::Oscore {
-                    protection,
-                    binding,
-                };
-                (leg, verified.map(|(inner, info)| (inner, info.partial_iv)))
+                let mut sent_echo = reg.request.has_option(number::ECHO);
+                loop {
+                    let binding = protect(&protection, &plain, &mut wire).await?;
+                    let verified = up
+                        .request(&mut wire, deadline, |d| {
+                            Some(verify(&protection, &binding, d))
+                        })
+                        .await?;
+                    // RFC 8613 App. B.1.2 / RFC 9175 §2.4: an origin without a replay window
+                    // for the context (the registration is its first request) answers 4.01
+                    // with an Echo. The client cannot see inside OSCORE, so the gateway
+                    // registers once more with that Echo (inner, Class E), under a new
+                    // sequence number and on a new token (a late copy of the 4.01 on the
+                    // old one cannot then be taken for the answer), as `forward` does.
+                    if let Ok((inner, _)) = &verified {
+                        let echo = MessageView::parse(inner).ok().and_then(|v| {
+                            echo_to_repeat(v.code, v.option(number::ECHO), sent_echo)
+                                .map(<[u8]>::to_vec)
+                        });
+                        if let Some(echo) = echo {
+                            tracing::info!(
+                                "{uri}: the origin asked for freshness (4.01 + Echo, RFC 8613 \
+                                 App. B.1.2); registering again with its Echo"
+                            );
+                            sent_echo = true;
+                            up.token = random_bytes::<8>();
+                            build(Some(&echo), &up.token, &mut plain)?;
+                            continue;
+                        }
+                    }
+                    let leg = Leg::Oscore {
+                        protection,
+                        binding,
+                    };
+                    break (leg, verified.map(|(inner, info)| (inner, info.partial_iv)));
+                }
             }
             // a plain device: its first response on our token is the answer
             None => {

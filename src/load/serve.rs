@@ -467,17 +467,20 @@ impl Origin {
             );
         };
         let ctx = &self.contexts[idx];
+        // the inner request's Observe counts; the outer one is a copy (§4.1.3.5)
+        let inner_observe = |plain: &[u8]| {
+            MessageView::parse(plain)
+                .map(|inner| {
+                    (
+                        inner.code,
+                        inner.option(number::OBSERVE).and_then(decode_uint),
+                    )
+                })
+                .unwrap_or((Code::GET, None))
+        };
         match unprotect_request(&ctx.ctx, req, &mut self.plain_in) {
             Ok(binding) => {
-                // the inner request's Observe counts; the outer one is a copy (§4.1.3.5)
-                let (code, obs) = MessageView::parse(&self.plain_in)
-                    .map(|inner| {
-                        (
-                            inner.code,
-                            inner.option(number::OBSERVE).and_then(decode_uint),
-                        )
-                    })
-                    .unwrap_or((Code::GET, None));
+                let (code, obs) = inner_observe(&self.plain_in);
                 let observe =
                     self.observe_request(code, obs, req.token, peer, Some((idx, binding.clone())));
                 self.answer(
@@ -487,8 +490,18 @@ impl Origin {
             Err(OscoreError::ReplayWindowUninitialized(u)) => {
                 if let Some(expected) = self.echo[idx] {
                     if let Ok(binding) = u.accept_with_echo(&ctx.ctx, &expected) {
-                        return self
-                            .answer(idx, &binding, true, mtype, mid, req.token, None, None, out);
+                        // accepted with the Echo (App. B.1.2): a registration counts too
+                        let (code, obs) = inner_observe(&self.plain_in);
+                        let observe = self.observe_request(
+                            code,
+                            obs,
+                            req.token,
+                            peer,
+                            Some((idx, binding.clone())),
+                        );
+                        return self.answer(
+                            idx, &binding, true, mtype, mid, req.token, None, observe, out,
+                        );
                     }
                 }
                 // One value per context until the window is initialised, so that requests
