@@ -88,6 +88,19 @@ fn refuse_outer_blockwise(m: &MessageView<'_>) -> Result<(), OscoreError> {
     Ok(())
 }
 
+/// The AEAD tag length, after checking that the outer payload holds a tag and at least the
+/// code byte of the plaintext (aiocoap: "Ciphertext too short").
+fn checked_tag_len(outer: &MessageView<'_>, key: &AeadKey) -> Result<usize, OscoreError> {
+    let tag_len = key.algorithm().tag_len();
+    if outer.payload.len() < tag_len + 1 {
+        return Err(OscoreError::CiphertextTooShort {
+            len: outer.payload.len(),
+            tag_len,
+        });
+    }
+    Ok(tag_len)
+}
+
 /// Decrypts the outer payload into `out` as a datagram with the outer type, Message ID and
 /// token and the inner code, options and payload.
 fn open_into(
@@ -97,14 +110,7 @@ fn open_into(
     aad: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), OscoreError> {
-    let tag_len = key.algorithm().tag_len();
-    // +1: the plaintext holds at least the code (aiocoap: "Ciphertext too short").
-    if outer.payload.len() < tag_len + 1 {
-        return Err(OscoreError::CiphertextTooShort {
-            len: outer.payload.len(),
-            tag_len,
-        });
-    }
+    checked_tag_len(outer, key)?;
     // Header with a placeholder code; the decrypted code byte is moved into it below.
     MessageBuilder::new(out, outer.mtype, Code::EMPTY, outer.message_id, outer.token)?.finish();
     let start = out.len();
@@ -135,14 +141,7 @@ fn open_plain(
     aad: &[u8],
     plain: &mut PlainBuf,
 ) -> Result<(), OscoreError> {
-    let tag_len = key.algorithm().tag_len();
-    // +1: the plaintext holds at least the code (aiocoap: "Ciphertext too short").
-    if outer.payload.len() < tag_len + 1 {
-        return Err(OscoreError::CiphertextTooShort {
-            len: outer.payload.len(),
-            tag_len,
-        });
-    }
+    let tag_len = checked_tag_len(outer, key)?;
     let (body, tag) = outer.payload.split_at(outer.payload.len() - tag_len);
     plain.put(&[0x40, 0, 0]);
     plain.put(body);
