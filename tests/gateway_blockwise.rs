@@ -12,7 +12,7 @@ mod common;
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -20,50 +20,6 @@ use std::time::Duration;
 use common::*;
 use oscore_gateway::coap::option::{decode_uint, encode_uint};
 use oscore_gateway::coap::{number, BlockValue, Code, MessageBuilder, MessageType, MessageView};
-
-/// `oscore-gateway run --config CONFIG` on a free port; SIGTERM (then SIGKILL) on drop.
-struct Gateway {
-    child: Option<ChildGuard>,
-    port: u16,
-}
-
-impl Gateway {
-    fn start(dir: &Path, config: &str) -> Gateway {
-        let port = free_udp_port();
-        let path = write_gateway_config(dir, port, config);
-        let child = spawn_gateway_with_config(dir, &path, port);
-        Gateway {
-            child: Some(child),
-            port,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn log(&self) -> String {
-        gateway_log(&self.child)
-    }
-
-    fn stop(mut self) -> Output {
-        let child = self.child.take().unwrap();
-        send_signal(child.pid(), libc::SIGTERM);
-        child.wait_timeout(Duration::from_secs(20))
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            send_signal(child.pid(), libc::SIGTERM);
-            let out = child.wait_timeout(Duration::from_secs(10));
-            if thread::panicking() {
-                eprintln!("[gateway] {}", output_text(&out));
-            }
-        }
-    }
-}
 
 fn config(creds: Option<&Path>, extra: &str) -> String {
     let creds = creds.map_or(String::new(), |c| format!("credentials = {:?}\n", c));
@@ -187,7 +143,7 @@ fn put_50k_through_the_gateway_lands_byte_exact_under_oscore() {
         Some(&ctx.join("server.json")),
         true,
     );
-    let gw = Gateway::start(dir.path(), &config(Some(&client_creds(&ctx, "gw")), ""));
+    let mut gw = Gateway::start(dir.path(), &config(Some(&client_creds(&ctx, "gw")), ""));
     let file = dir.join("up50k.bin");
     let want = body(50_000, 50_000);
     fs::write(&file, &want).unwrap();

@@ -5,62 +5,14 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use oscore_gateway::coap::{number, Code, MessageBuilder, MessageType, MessageView};
-
-/// `oscore-gateway run --config CONFIG` in the background; SIGTERM then SIGKILL on drop.
-struct Gateway {
-    child: Option<ChildGuard>,
-    port: u16,
-}
-
-impl Gateway {
-    fn start(dir: &Path, config: &str) -> Gateway {
-        let port = free_udp_port();
-        let path = write_gateway_config(dir, port, config);
-        Self::start_with(dir, &["--config".as_ref(), path.as_os_str()], port)
-    }
-
-    /// Runs with `args` plus `--coap-bind 127.0.0.1:port`; waits until it is listening.
-    fn start_with(dir: &Path, args: &[&OsStr], port: u16) -> Gateway {
-        let child = spawn_gateway(dir, args, port);
-        Gateway {
-            child: Some(child),
-            port,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// SIGTERM; returns its output after it exited (bounded).
-    fn stop(mut self) -> Output {
-        let child = self.child.take().unwrap();
-        send_signal(child.pid(), libc::SIGTERM);
-        child.wait_timeout(Duration::from_secs(20))
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            send_signal(child.pid(), libc::SIGTERM);
-            let out = child.wait_timeout(Duration::from_secs(10));
-            if thread::panicking() {
-                eprintln!("[gateway] {}", output_text(&out));
-            }
-        }
-    }
-}
 
 /// A plain CoAP request from a hand-made client: CON, token [0xc1, 0x1e].
 fn request(mid: u16, opts: &[(u16, &[u8])]) -> Vec<u8> {
@@ -129,7 +81,7 @@ fn aiocoap_client_fetches_big_file_through_gateway_under_oscore() {
         Some(&ctx.join("server.json")),
         false,
     );
-    let gw = Gateway::start(dir.path(), &config(Some(&client_creds(&ctx, "gw")), ""));
+    let mut gw = Gateway::start(dir.path(), &config(Some(&client_creds(&ctx, "gw")), ""));
     let got = dir.join("got10k.txt");
     let fetch = format!(
         "{} --proxy coap://127.0.0.1:{} coap://localhost:{origin_port}/big10k.txt > {}",
@@ -396,7 +348,7 @@ fn shipped_example_config_runs_and_refuses_without_credentials() {
     let dir = TestDir::new("gw-example");
     let example = interop().repo.join("proxy.toml.example");
     let port = free_udp_port();
-    let gw = Gateway::start_with(
+    let mut gw = Gateway::start_with(
         dir.path(),
         &["--config".as_ref(), example.as_os_str()],
         port,

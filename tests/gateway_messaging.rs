@@ -20,48 +20,6 @@ use oscore_gateway::coap::{number, Code, MessageBuilder, MessageType, MessageVie
 
 // ------------------------------------------------------------------ harness
 
-/// `oscore-gateway run --config CONFIG --coap-bind 127.0.0.1:PORT` in the background;
-/// SIGTERM on drop (bounded), its log shown if the test failed.
-struct Gateway {
-    child: Option<ChildGuard>,
-    port: u16,
-}
-
-impl Gateway {
-    fn start(dir: &Path, config: &str) -> Gateway {
-        Self::start_on(dir, config, free_udp_port())
-    }
-
-    fn start_on(dir: &Path, config: &str, port: u16) -> Gateway {
-        let path = write_gateway_config(dir, port, config);
-        let child = spawn_gateway_with_config(dir, &path, port);
-        Gateway {
-            child: Some(child),
-            port,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn log(&self) -> String {
-        gateway_log(&self.child)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            send_signal(child.pid(), libc::SIGTERM);
-            let out = child.wait_timeout(Duration::from_secs(10));
-            if thread::panicking() {
-                eprintln!("[gateway {}] {}", self.port, output_text(&out));
-            }
-        }
-    }
-}
-
 fn config(creds: Option<&Path>, extra: &str) -> String {
     let creds = creds.map_or(String::new(), |c| format!("credentials = {c:?}\n"));
     format!("{creds}[policy]\nupstream_timeout_secs = 30\n{extra}")

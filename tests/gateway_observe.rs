@@ -19,50 +19,6 @@ use oscore_gateway::coap::{number, Code, MessageBuilder, MessageType, MessageVie
 
 // ------------------------------------------------------------------ harness
 
-/// `oscore-gateway run --config CONFIG --coap-bind 127.0.0.1:PORT`; SIGTERM on drop.
-struct Gateway {
-    child: Option<ChildGuard>,
-    port: u16,
-}
-
-impl Gateway {
-    fn start(dir: &Path, config: &str) -> Gateway {
-        let port = free_udp_port();
-        let path = write_gateway_config(dir, port, config);
-        let child = spawn_gateway_with_config(dir, &path, port);
-        Gateway {
-            child: Some(child),
-            port,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    fn log(&self) -> String {
-        gateway_log(&self.child)
-    }
-
-    /// SIGTERM and wait (bounded); the log.
-    fn stop(&mut self) -> String {
-        let Some(child) = self.child.take() else {
-            return String::new();
-        };
-        send_signal(child.pid(), libc::SIGTERM);
-        output_text(&child.wait_timeout(Duration::from_secs(15)))
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let log = self.stop();
-        if thread::panicking() {
-            eprintln!("[gateway {}] {log}", self.port);
-        }
-    }
-}
-
 /// tests/interop/observable_server.py on `port`, OSCORE only.
 fn start_origin(dir: &Path, port: u16, server_creds: &Path) -> ChildGuard {
     let mut cmd = Command::new(&interop().venv_python);
@@ -373,7 +329,7 @@ fn observe_through_gateway_then_deregistration_cancels() {
 #[test]
 fn gateway_shutdown_cancels_the_observation() {
     let mut s = observe_through_gateway("gwo-shutdown");
-    let log = s.gw.stop();
+    let log = output_text(&s.gw.stop());
     assert!(log.contains("observation cancelled upstream"), "{log}");
     let stopped = wait_until(Duration::from_secs(5), || {
         last_observers(&s.origin) == Some(0)
