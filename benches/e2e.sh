@@ -40,6 +40,8 @@
 #        on CPU 0, as a deployment that gives the gateway its own core would)
 #        PIN=one    (every process on CPU 0: no cross-CPU wake-ups at all)
 #        Default: no pinning, the kernel places the processes.
+#        HALTPOLL_NS=200000  (root: the guest's cpuidle halt polling for this run, restored on
+#        exit; see benches/lib.sh. The header prints the setting in force.)
 set -euo pipefail
 
 N=${N:-20000}
@@ -230,7 +232,7 @@ case "$PIN" in
     one) echo "placement: PIN=one: every process on CPU 0" ;;
     *) echo "placement: not pinned (the kernel places the processes)" ;;
 esac
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg); $(idle_setting)"
 echo "N=$N W=$W (d@32: W=$W32; aiocoap scenarios N=$NF W=$W32; W=1 rows N=$N1); gateway [coap] nstart=$NSTART except d-n1; release build, RUSTFLAGS='${RUSTFLAGS:-}'; CPU = server-side processes (hop + origin) per 100k requests; RSS = the hop's peak (VmHWM)"
 echo
 python3 - "$RESULTS" <<'PY'

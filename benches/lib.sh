@@ -3,6 +3,14 @@
 # /proc readings. Before sourcing set NAME (temp dir prefix) and, optionally, STOP_WAIT_S
 # (how long a stopped process may take to exit after SIGTERM before SIGKILL; default 5)
 # and WAIT_PORT_S (how long wait_port waits; default 20).
+#
+# HALTPOLL_NS=N (opt-in, needs root): for the run, set the guest's cpuidle halt polling
+# (/sys/module/haltpoll/parameters/guest_halt_poll_ns, Documentation/virt/guest-halt-polling.rst;
+# the kernel's default is 200000) and put the old value back on exit. A KVM/Firecracker guest
+# booted with haltpoll.guest_halt_poll_ns=0 halts an idle vCPU at once, and every wake-up of
+# it by another vCPU is then an IPI through the host (tens of µs); with polling on, a vCPU
+# that went idle a moment ago notices the wake-up itself. It changes the machine, not the
+# programs measured, and applies to every row alike. `idle_setting` prints what is in force.
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${BIN:-$ROOT/target/release/oscore-gateway}
@@ -35,12 +43,41 @@ stop_all() {
     PIDS=()
 }
 
+HALTPOLL_FILE=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+HALTPOLL_OLD=
+restore_haltpoll() {
+    if [ -n "$HALTPOLL_OLD" ]; then echo "$HALTPOLL_OLD" >"$HALTPOLL_FILE" || true; HALTPOLL_OLD=; fi
+}
+
 cleanup() {
     stop_all
+    restore_haltpoll
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+if [ -n "${HALTPOLL_NS:-}" ]; then
+    case "$HALTPOLL_NS" in *[!0-9]*) echo "HALTPOLL_NS=$HALTPOLL_NS: expected nanoseconds" >&2; exit 2 ;; esac
+    if [ ! -w "$HALTPOLL_FILE" ]; then
+        echo "HALTPOLL_NS: $HALTPOLL_FILE is missing or not writable (needs root and the cpuidle-haltpoll driver)" >&2
+        exit 2
+    fi
+    HALTPOLL_OLD=$(cat "$HALTPOLL_FILE")
+    echo "$HALTPOLL_NS" >"$HALTPOLL_FILE"
+fi
+
+# idle_setting: the guest's idle driver and halt-polling limit, for the report header.
+idle_setting() {
+    local drv
+    drv=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none)
+    if [ -r "$HALTPOLL_FILE" ]; then
+        printf 'cpuidle %s, guest_halt_poll_ns=%s%s' "$drv" "$(cat "$HALTPOLL_FILE")" \
+            "${HALTPOLL_OLD:+ (set by HALTPOLL_NS for this run; was $HALTPOLL_OLD)}"
+    else
+        printf 'cpuidle %s' "$drv"
+    fi
+}
 
 # start NAME CMD...: runs CMD in the background, logs to $TMP/NAME.log, sets $LAST_PID.
 start() {

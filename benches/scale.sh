@@ -18,7 +18,8 @@
 #   second half (REL relations, `load --observe`).
 #
 # Usage: benches/scale.sh     (from the project root; builds the release binary unless SKIP_BUILD=1)
-# Env:   N=20000 W=64 CTX=10000 REL=10000 HOLD=20 NOTIFY_MS=2000 PORT_BASE=47500 LIMIT=120
+# Env:   HALTPOLL_NS=200000 (root; see benches/lib.sh)
+#        N=20000 W=64 CTX=10000 REL=10000 HOLD=20 NOTIFY_MS=2000 PORT_BASE=47500 LIMIT=120
 #        ONLY=t1|t2 (one half)
 set -euo pipefail
 
@@ -169,7 +170,7 @@ echo "origin at exit: $(grep '^serve:' "$TMP/origino.log" || echo '(no summary)'
 fi
 
 echo
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg); RLIMIT_NOFILE $(ulimit -Sn)/$(ulimit -Hn)"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg); $(idle_setting); RLIMIT_NOFILE $(ulimit -Sn)/$(ulimit -Hn)"
 echo "N=$N W=$W CTX=$CTX; CPU = per 100k requests, gateway and origin separately; RSS = the gateway's peak (VmHWM)"
 echo
 cat "$EXTRA"
