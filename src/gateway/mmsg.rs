@@ -1,12 +1,25 @@
 //! Batched UDP I/O: every datagram waiting on a socket in one `recvmmsg(2)` call instead
 //! of one `recvfrom(2)` each, and several datagrams to a connected peer in one
 //! `sendmmsg(2)`, so that under load the syscall entry/exit, the epoll round trip and the
-//! wake-up of the receiver are paid once per batch, not once per datagram (the
-//! per-datagram kernel work stays).
+//! wake-up of the receiver are paid once per batch, not once per datagram.
+//!
+//! Segmentation offload (Linux `udp(7)`: `UDP_SEGMENT`, `UDP_GRO`): consecutive datagrams
+//! of a batch that go to the same destination and have the same length (the last of a run
+//! may be shorter) leave as ONE message with a `UDP_SEGMENT` control message, so the
+//! kernel builds, routes and delivers one buffer for the run instead of one per datagram
+//! (a gateway's requests to one origin, and answers to one busy client, are such runs:
+//! same code, options and payload size). The wire is unchanged: a receiver sees the same
+//! separate datagrams. A socket with `enable_gro` takes such a run (and what a NIC's GRO
+//! coalesced) as one buffer, which `RecvBatch` splits back at the segment size the kernel
+//! reports. If the kernel or the route refuses a segmented send (old kernel, a device
+//! without checksum offload, IPsec), the process falls back to one message per datagram
+//! for good (`gso_in_use`).
 //!
 //! Hand-written over `libc` because neither tokio nor socket2 (0.6) offers `recvmmsg` or
-//! `sendmmsg`;
-//! source addresses are converted by socket2's `SockAddr` (already a dependency of tokio).
+//! `sendmmsg`; quinn-udp has GSO/GRO but is built for QUIC: it sets the don't-fragment bit
+//! (path-MTU probing), which would turn a CoAP datagram larger than a link's MTU from a
+//! fragmented datagram into an error, and it sends one destination per call.
+//! Source addresses are converted by socket2's `SockAddr` (already a dependency of tokio).
 //! Use it from tokio with `UdpSocket::async_io(Interest::READABLE, || batch.recv(fd))`:
 //! the call is non-blocking and reports `WouldBlock` when nothing is waiting.
 
@@ -14,9 +27,48 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The largest UDP payload (IPv4: 65 535 − 8 − 20): a slot never truncates a datagram.
-const SLOT: usize = 65_507;
+/// A slot holds the largest UDP payload (IPv6: 65 535 − 8) or a coalesced (GRO) buffer of
+/// up to 64 KiB, so it never truncates a datagram.
+const SLOT: usize = 65_535;
+
+/// Room for one `cmsghdr` carrying an `int` or a `u16` (CMSG_SPACE(4) = 24 on 64-bit),
+/// 8-byte aligned as `cmsghdr` needs.
+type CmsgBuf = [u64; 4];
+
+/// Datagrams in one segmented send at most (the kernel's UDP_MAX_SEGMENTS is 64 or more).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Datagrams longer than this are sent one message each: a segment must fit the path MTU
+/// (1280 − 40 − 8, IPv6's minimum), or the kernel refuses the whole run.
+const GSO_MAX_SEGMENT_LEN: usize = 1232;
+
+/// Set once a segmented send has been refused (old kernel, no checksum offload on the
+/// route's device, IPsec): from then on every datagram is its own message.
+static GSO_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether sends still group runs of equal datagrams into one segmented message.
+pub fn gso_in_use() -> bool {
+    !GSO_REFUSED.load(Ordering::Relaxed)
+}
+
+/// Asks the kernel to hand this socket runs of datagrams from one sender as one buffer
+/// (`UDP_GRO`, Linux ≥ 5.0); `RecvBatch` splits them. Returns whether the kernel accepted;
+/// without it, datagrams arrive one by one as before.
+pub fn enable_gro(fd: RawFd) -> bool {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
 
 /// Receive buffers and results of one `recvmmsg` call.
 pub struct RecvBatch {
@@ -27,11 +79,14 @@ pub struct RecvBatch {
     addrs: Vec<libc::sockaddr_storage>,
     hdrs: Vec<libc::mmsghdr>,
     iovs: Vec<libc::iovec>,
-    received: usize,
+    ctrl: Vec<CmsgBuf>,
+    /// The datagrams of the last call: (slot, offset in the slot, length); a slot holds
+    /// several when the kernel coalesced them (GRO).
+    datagrams: Vec<(u32, u32, u32)>,
 }
 
 // SAFETY: the raw pointers in `hdrs`/`iovs` only ever point into this struct's own heap
-// buffers (`bufs`, `addrs`, `iovs`), which move with it; they are rebuilt before each call.
+// buffers (`bufs`, `addrs`, `iovs`, `ctrl`), which move with it; they are rebuilt before each call.
 unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
@@ -52,12 +107,14 @@ impl RecvBatch {
                 };
                 batch
             ],
-            received: 0,
+            ctrl: vec![[0; 4]; batch],
+            datagrams: Vec::with_capacity(batch),
         }
     }
 
-    /// Receives the datagrams waiting on `fd` (at most the batch size) without blocking:
-    /// `Ok(n)` with n ≥ 1, or an error (`WouldBlock` when none is waiting).
+    /// Receives the datagrams waiting on `fd` (at most the batch size of messages; more
+    /// datagrams when the kernel coalesced some, see `enable_gro`) without blocking:
+    /// `Ok(n)` with n ≥ 1 datagrams, or an error (`WouldBlock` when none is waiting).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         self.recv_with(fd, libc::MSG_DONTWAIT)
     }
@@ -69,7 +126,7 @@ impl RecvBatch {
     }
 
     fn recv_with(&mut self, fd: RawFd, flags: libc::c_int) -> io::Result<usize> {
-        self.received = 0;
+        self.datagrams.clear();
         let batch = self.hdrs.len();
         // the allocation (len 0, capacity batch * SLOT; never grown, so never moved)
         let base = self.bufs.as_mut_ptr();
@@ -84,8 +141,8 @@ impl RecvBatch {
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            h.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_controllen = std::mem::size_of::<CmsgBuf>() as _;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -103,43 +160,93 @@ impl RecvBatch {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        self.received = n as usize;
-        Ok(self.received)
+        for slot in 0..n as usize {
+            let hdr = &self.hdrs[slot];
+            let len = (hdr.msg_len as usize).min(SLOT);
+            match gro_segment_size(&hdr.msg_hdr) {
+                Some(seg) if seg > 0 => {
+                    // A coalesced buffer: datagrams of `seg` bytes, the last one shorter
+                    // or equal. If it was truncated (cannot happen with full-size slots),
+                    // only the whole datagrams in it are kept.
+                    let whole = if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                        len - len % seg
+                    } else {
+                        len
+                    };
+                    let mut off = 0;
+                    while off < whole {
+                        let l = seg.min(whole - off);
+                        self.datagrams.push((slot as u32, off as u32, l as u32));
+                        off += l;
+                    }
+                }
+                _ => {
+                    // A datagram the kernel truncated is returned as empty, i.e. malformed.
+                    let l = if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                        0
+                    } else {
+                        len
+                    };
+                    self.datagrams.push((slot as u32, 0, l as u32));
+                }
+            }
+        }
+        Ok(self.datagrams.len())
+    }
+
+    /// Messages (slots) the last `recv` filled: fewer than `len` when the kernel coalesced
+    /// runs of datagrams (`enable_gro`).
+    pub fn messages(&self) -> usize {
+        self.datagrams
+            .last()
+            .map_or(0, |&(slot, _, _)| slot as usize + 1)
     }
 
     /// Datagrams received by the last `recv`.
     pub fn len(&self) -> usize {
-        self.received
+        self.datagrams.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.received == 0
+        self.datagrams.is_empty()
     }
 
     /// Datagram `i` of the last `recv` and its source address (None for an address family
-    /// other than IPv4/IPv6, which a UDP socket does not report). A datagram the kernel
-    /// truncated (cannot happen with full-size slots) is returned as empty, i.e. malformed.
+    /// other than IPv4/IPv6, which a UDP socket does not report).
     pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
-        let hdr = &self.hdrs[i];
-        let len = if hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-            0
-        } else {
-            (hdr.msg_len as usize).min(SLOT)
-        };
-        // SAFETY: the kernel wrote `msg_len` bytes at the start of slot i (inside the
-        // allocation of batch * SLOT bytes), so these bytes are initialised.
+        let (slot, off, len) = self.datagrams[i];
+        let (slot, off, len) = (slot as usize, off as usize, len as usize);
+        // SAFETY: the kernel wrote `msg_len` ≥ off + len bytes at the start of slot `slot`
+        // (inside the allocation of batch * SLOT bytes), so these bytes are initialised.
         let data = unsafe {
-            std::slice::from_raw_parts(self.bufs.as_ptr().add(i * SLOT).cast::<u8>(), len)
+            std::slice::from_raw_parts(self.bufs.as_ptr().add(slot * SLOT + off).cast::<u8>(), len)
         };
         let mut storage = socket2::SockAddrStorage::zeroed();
         // SAFETY: `sockaddr_storage` is a platform sockaddr type; the kernel wrote
         // `msg_namelen` (≤ its size) bytes of an address into it.
         let addr = unsafe {
-            *storage.view_as::<libc::sockaddr_storage>() = self.addrs[i];
-            socket2::SockAddr::new(storage, hdr.msg_hdr.msg_namelen)
+            *storage.view_as::<libc::sockaddr_storage>() = self.addrs[slot];
+            socket2::SockAddr::new(storage, self.hdrs[slot].msg_hdr.msg_namelen)
         };
         (data, addr.as_socket())
     }
+}
+
+/// The segment size of a coalesced receive (the `UDP_GRO` control message), if any.
+fn gro_segment_size(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: `h` is a header the kernel filled in: `msg_control`/`msg_controllen` describe
+    // control messages inside our `CmsgBuf`, walked with the libc CMSG macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
 }
 
 /// Datagrams per `send_batch` call, at most.
@@ -176,43 +283,133 @@ pub fn send_batch_to<'a>(
 }
 
 /// One non-blocking `sendmmsg` of `item(0..n)` (at most `SEND_BATCH`): each datagram with
-/// its destination, or none on a connected socket.
+/// its destination, or none on a connected socket. Runs of equal datagrams to one
+/// destination go as one segmented message (module doc); `Ok` counts datagrams.
 fn send_mmsg<'a>(
     fd: RawFd,
     n: usize,
     item: impl Fn(usize) -> (&'a [u8], Option<SocketAddr>),
 ) -> io::Result<usize> {
+    send_mmsg_gso(fd, n, item, &GSO_REFUSED)
+}
+
+/// `send_mmsg` with the "segmentation refused" flag given (the process's, or a test's own).
+fn send_mmsg_gso<'a>(
+    fd: RawFd,
+    n: usize,
+    item: impl Fn(usize) -> (&'a [u8], Option<SocketAddr>),
+    refused: &AtomicBool,
+) -> io::Result<usize> {
     let n = n.min(SEND_BATCH);
     if n == 0 {
         return Ok(0);
     }
+    let mut items: [(&[u8], Option<SocketAddr>); SEND_BATCH] = [(&[], None); SEND_BATCH];
+    for (i, slot) in items.iter_mut().enumerate().take(n) {
+        *slot = item(i);
+    }
+    let items = &items[..n];
+    let gso = !refused.load(Ordering::Relaxed);
+    match send_runs(fd, items, gso) {
+        Err(e) if gso && gso_refused(&e) && first_run_len(items, true) > 1 => {
+            // The kernel or the route cannot segment: one message per datagram from now on.
+            refused.store(true, Ordering::Relaxed);
+            tracing::info!("UDP segmentation offload refused ({e}): sending datagrams one by one");
+            send_runs(fd, items, false)
+        }
+        r => r,
+    }
+}
+
+/// Errors with which the kernel refuses a `UDP_SEGMENT` send it would take unsegmented.
+fn gso_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EMSGSIZE)
+    )
+}
+
+/// How many of `items`, from the first, form one run: the same destination and the same
+/// length (≥ 1 and ≤ GSO_MAX_SEGMENT_LEN); the run's last datagram may be shorter, and ends
+/// it. 1 when segmentation is off or the first cannot start a run.
+fn first_run_len(items: &[(&[u8], Option<SocketAddr>)], gso: bool) -> usize {
+    let (first, to) = items[0];
+    let seg = first.len();
+    if !gso || seg == 0 || seg > GSO_MAX_SEGMENT_LEN {
+        return 1;
+    }
+    let mut k = 1;
+    let mut total = seg;
+    while k < items.len() && k < GSO_MAX_SEGMENTS {
+        let (d, t) = items[k];
+        if t != to || d.is_empty() || d.len() > seg || total + d.len() > 65_507 {
+            break;
+        }
+        k += 1;
+        total += d.len();
+        if d.len() < seg {
+            break; // a shorter one can only be the last segment
+        }
+    }
+    k
+}
+
+/// One `sendmmsg`: a message per run (`first_run_len`) of `items`; `Ok` counts datagrams.
+fn send_runs(fd: RawFd, items: &[(&[u8], Option<SocketAddr>)], gso: bool) -> io::Result<usize> {
     // SAFETY: all-zero is a valid value of these plain C structs.
     let mut hdrs: [libc::mmsghdr; SEND_BATCH] = unsafe { std::mem::zeroed() };
     let mut iovs: [libc::iovec; SEND_BATCH] = unsafe { std::mem::zeroed() };
+    let mut ctrl: [CmsgBuf; SEND_BATCH] = [[0; 4]; SEND_BATCH];
     let mut addrs: [Option<socket2::SockAddr>; SEND_BATCH] = std::array::from_fn(|_| None);
-    for i in 0..n {
-        let (d, to) = item(i);
-        iovs[i] = libc::iovec {
-            // sendmmsg only reads through this pointer
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
-        };
-        if let Some(to) = to {
-            let a = addrs[i].insert(socket2::SockAddr::from(to));
-            hdrs[i].msg_hdr.msg_name = a.as_ptr() as *mut libc::c_void;
-            hdrs[i].msg_hdr.msg_namelen = a.len();
+    // datagrams in message m
+    let mut run_len = [0usize; SEND_BATCH];
+    let (mut i, mut m) = (0, 0);
+    while i < items.len() {
+        let k = first_run_len(&items[i..], gso);
+        for (j, (d, _)) in items[i..i + k].iter().enumerate() {
+            iovs[i + j] = libc::iovec {
+                // sendmmsg only reads through this pointer
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            };
         }
-        hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
-        hdrs[i].msg_hdr.msg_iovlen = 1;
+        let h = &mut hdrs[m].msg_hdr;
+        if let Some(to) = items[i].1 {
+            let a = addrs[m].insert(socket2::SockAddr::from(to));
+            h.msg_name = a.as_ptr() as *mut libc::c_void;
+            h.msg_namelen = a.len();
+        }
+        h.msg_iov = &mut iovs[i];
+        h.msg_iovlen = k as _;
+        if k > 1 {
+            // SAFETY: `ctrl[m]` is 8-byte aligned and has room for CMSG_SPACE(2) bytes; the
+            // header and its u16 are written through the libc CMSG macros.
+            unsafe {
+                h.msg_control = ctrl[m].as_mut_ptr().cast();
+                h.msg_controllen = libc::CMSG_SPACE(2) as _;
+                let c = libc::CMSG_FIRSTHDR(h);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = libc::UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                std::ptr::write_unaligned(
+                    libc::CMSG_DATA(c).cast::<u16>(),
+                    items[i].0.len() as u16,
+                );
+            }
+        }
+        run_len[m] = k;
+        i += k;
+        m += 1;
     }
-    // SAFETY: `n` initialised headers, each with one iovec over a live datagram and either
-    // no address (connected socket) or a live address of the given length.
+    // SAFETY: `m` initialised headers, each with its iovecs over live datagrams, either no
+    // address (connected socket) or a live address of the given length, and either no
+    // control data or one UDP_SEGMENT message in `ctrl`.
     let sent =
-        unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT) };
+        unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), m as libc::c_uint, libc::MSG_DONTWAIT) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(sent as usize)
+    Ok(run_len[..sent as usize].iter().sum())
 }
 
 #[cfg(test)]
@@ -263,6 +460,126 @@ mod tests {
             };
             let (k, from) = rx.recv_from(&mut buf).unwrap();
             assert_eq!((&buf[..k], from), (&d[..], tx.local_addr().unwrap()));
+        }
+    }
+
+    fn lens(items: &[(&[u8], Option<SocketAddr>)]) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < items.len() {
+            let k = first_run_len(&items[i..], true);
+            out.push(k);
+            i += k;
+        }
+        out
+    }
+
+    #[test]
+    fn runs_are_equal_lengths_to_one_destination_with_a_shorter_last() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let (x, y, z, big) = (vec![1u8; 50], vec![2u8; 40], vec![3u8; 60], vec![4u8; 1300]);
+        let items: Vec<(&[u8], Option<SocketAddr>)> = vec![
+            (&x, Some(a)),
+            (&x, Some(a)),
+            (&y, Some(a)), // shorter: the run's last
+            (&x, Some(a)),
+            (&x, Some(b)), // another destination
+            (&x, Some(b)),
+            (&z, Some(b)), // longer: starts a new run
+            (&big, Some(b)),
+            (&big, Some(b)), // over GSO_MAX_SEGMENT_LEN: one message each
+            (&[], Some(b)),
+            (&[], Some(b)),
+        ];
+        assert_eq!(lens(&items), [3, 1, 2, 1, 1, 1, 1, 1]);
+        assert_eq!(first_run_len(&items, false), 1, "segmentation off");
+        let many: Vec<(&[u8], Option<SocketAddr>)> = vec![(&x, None); 100];
+        assert_eq!(first_run_len(&many, true), GSO_MAX_SEGMENTS);
+    }
+
+    /// A run leaves as one segmented message and arrives at a `UDP_GRO` socket as one
+    /// buffer, which `RecvBatch` splits back into the same datagrams, in order; a socket
+    /// without GRO gets them one by one from the kernel (std's `recv` as the oracle).
+    #[test]
+    fn segmented_runs_arrive_whole_and_in_order_with_and_without_gro() {
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gro = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let gro_on = enable_gro(gro.as_raw_fd());
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut datagrams: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 80]).collect();
+        datagrams[9] = vec![9; 30]; // ends the first run
+        datagrams.push(vec![99; 2000]); // its own message
+        let refused = AtomicBool::new(false);
+        for rx in [&plain, &gro] {
+            let to = rx.local_addr().unwrap();
+            let n = send_mmsg_gso(
+                tx.as_raw_fd(),
+                datagrams.len(),
+                |i| (datagrams[i].as_slice(), Some(to)),
+                &refused,
+            )
+            .unwrap();
+            assert_eq!(n, datagrams.len());
+        }
+        assert!(!refused.load(Ordering::Relaxed));
+        let mut buf = [0u8; 4096];
+        for d in &datagrams {
+            let k = plain.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..k], &d[..]);
+        }
+        let mut batch = RecvBatch::new(8);
+        let mut got = Vec::new();
+        let mut messages = 0;
+        while got.len() < datagrams.len() {
+            let n = batch.recv_wait(gro.as_raw_fd()).unwrap();
+            messages += batch.messages();
+            for i in 0..n {
+                let (d, from) = batch.get(i);
+                assert_eq!(from, Some(tx.local_addr().unwrap()));
+                got.push(d.to_vec());
+            }
+        }
+        assert_eq!(got, datagrams);
+        if gro_on {
+            assert_eq!(messages, 3, "two runs and the big one");
+        }
+    }
+
+    /// A socket the kernel will not segment for (SO_NO_CHECK makes a UDP_SEGMENT send
+    /// EINVAL): the datagrams still leave, one message each, and segmentation stays off.
+    #[test]
+    fn a_refused_segmented_send_falls_back_to_one_message_each() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        let one: libc::c_int = 1;
+        // SAFETY: a valid option value of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                tx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let datagrams: Vec<Vec<u8>> = (0..6u8).map(|i| vec![i; 100]).collect();
+        let refused = AtomicBool::new(false);
+        let n = send_mmsg_gso(
+            tx.as_raw_fd(),
+            datagrams.len(),
+            |i| (datagrams[i].as_slice(), None),
+            &refused,
+        )
+        .unwrap();
+        assert_eq!(n, 6);
+        assert!(refused.load(Ordering::Relaxed), "the refusal is remembered");
+        let mut buf = [0u8; 256];
+        for d in &datagrams {
+            let k = rx.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..k], &d[..]);
         }
     }
 

@@ -54,6 +54,8 @@ impl Listeners {
             let s = UdpSocket::bind(addr)
                 .await
                 .map_err(|source| GatewayError::Bind { addr, source })?;
+            // runs of datagrams from one client arrive as one buffer (mmsg)
+            super::mmsg::enable_gro(s.as_raw_fd());
             sockets.push(Arc::new(s));
         }
         Ok(Listeners { sockets })

@@ -281,6 +281,7 @@ impl<'c> Generator<'c> {
         let socket = UdpSocket::bind(local).map_err(io)?;
         socket.connect(peer).map_err(io)?;
         socket.set_nonblocking(true).map_err(io)?;
+        crate::gateway::mmsg::enable_gro(socket.as_raw_fd());
         let mtype = if cfg.confirmable {
             MessageType::Confirmable
         } else {

@@ -63,6 +63,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
         .next()
         .ok_or_else(|| format!("--serve {}: no address", cfg.bind))?;
     let socket = UdpSocket::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    crate::gateway::mmsg::enable_gro(std::os::fd::AsRawFd::as_raw_fd(&socket));
     // Short, so notifications are paced finely and a signal is seen quickly.
     socket
         .set_read_timeout(Some(Duration::from_millis(5)))
@@ -76,7 +77,7 @@ pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
     let end = cfg.max_seconds.map(|d| Instant::now() + d);
     // Every datagram waiting is taken in one recvmmsg: one syscall per batch under load.
     let mut batch = crate::gateway::mmsg::RecvBatch::new(BATCH);
-    // answer k of a batch and its destination
+    // answer k of a batch and its destination (grown when a batch holds more)
     let mut outs: Vec<(Vec<u8>, SocketAddr)> = (0..BATCH)
         .map(|_| (Vec::with_capacity(2048), addr))
         .collect();
@@ -110,6 +111,10 @@ pub fn serve(cfg: &ServeConfig) -> Result<(), String> {
         for i in 0..n {
             let (datagram, from) = batch.get(i);
             if let Some(from) = from {
+                // a coalesced (GRO) receive can hold more datagrams than the batch has slots
+                if answers == outs.len() {
+                    outs.push((Vec::with_capacity(2048), addr));
+                }
                 if origin.handle_from(datagram, from, &mut outs[answers].0) {
                     outs[answers].1 = from;
                     answers += 1;

@@ -157,6 +157,8 @@ impl Upstream {
         };
         let socket = UdpSocket::bind(bind).await.map_err(io)?;
         socket.connect(peer).await.map_err(io)?;
+        // the origin's answers to a run of requests arrive as one buffer (mmsg)
+        super::mmsg::enable_gro(socket.as_raw_fd());
         let mut links = lock(&self.links);
         if let Some(tx) = links.get(&peer) {
             if !tx.is_closed() {
