@@ -2,7 +2,8 @@
 # dir, starting and stopping background processes by PID, waiting for a UDP port, and the
 # /proc readings. Before sourcing set NAME (temp dir prefix) and, optionally, STOP_WAIT_S
 # (how long a stopped process may take to exit after SIGTERM before SIGKILL; default 5)
-# and WAIT_PORT_S (how long wait_port waits; default 20).
+# and WAIT_PORT_S (how long wait_port waits; default 20). KEEP_TMP=1 keeps the temp dir
+# (every process's log, the generated contexts) for a look after the run.
 #
 # HALTPOLL_NS=N (opt-in, needs root): for the run, set the guest's cpuidle halt polling
 # (/sys/module/haltpoll/parameters/guest_halt_poll_ns, Documentation/virt/guest-halt-polling.rst;
@@ -52,7 +53,7 @@ restore_haltpoll() {
 cleanup() {
     stop_all
     restore_haltpoll
-    rm -rf "$TMP"
+    if [ -n "${KEEP_TMP:-}" ]; then echo "logs and contexts kept in $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

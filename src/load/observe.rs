@@ -76,6 +76,9 @@ pub struct ObserveReport {
     pub timeouts: u64,
     pub retransmissions: u64,
     pub error_codes: BTreeMap<String, u64>,
+    /// The diagnostic payload (RFC 7252 §5.5.2) of the first error response per code, so
+    /// that a failure says why (at most 200 bytes, lossy UTF-8).
+    pub first_diagnostics: BTreeMap<String, String>,
     pub cpu_s: f64,
 }
 
@@ -113,7 +116,10 @@ impl ObserveReport {
             if self.error_codes.is_empty() {
                 String::new()
             } else {
-                format!("; errors {:?}", self.error_codes)
+                format!(
+                    "; errors {:?}, first diagnostics {:?}",
+                    self.error_codes, self.first_diagnostics
+                )
             },
             self.cpu_s,
         )
@@ -205,6 +211,7 @@ pub fn run_observe(
             timeouts: 0,
             retransmissions: 0,
             error_codes: BTreeMap::new(),
+            first_diagnostics: BTreeMap::new(),
             cpu_s: 0.0,
         },
     };
@@ -326,6 +333,18 @@ impl Observer<'_> {
 
     /// Ends relation `i`'s exchange: `ok` moves it on (Registering -> Active,
     /// Deregistering -> Done), else it failed.
+    /// Counts an error response by code and keeps the first diagnostic of each code.
+    fn count_error(&mut self, msg: &MessageView<'_>) {
+        let code = msg.code.to_string();
+        if !self.r.first_diagnostics.contains_key(&code) && !msg.payload.is_empty() {
+            let text = String::from_utf8_lossy(&msg.payload[..msg.payload.len().min(200)]);
+            self.r
+                .first_diagnostics
+                .insert(code.clone(), text.into_owned());
+        }
+        *self.r.error_codes.entry(code).or_default() += 1;
+    }
+
     fn finish(&mut self, i: usize, ok: bool) {
         let r = &mut self.rels[i];
         let phase = r.phase;
@@ -471,7 +490,7 @@ impl Observer<'_> {
         match self.rels[i].phase {
             Phase::Registering => {
                 if !observing {
-                    *self.r.error_codes.entry(msg.code.to_string()).or_default() += 1;
+                    self.count_error(&msg);
                 }
                 self.finish(i, observing);
             }
@@ -483,7 +502,7 @@ impl Observer<'_> {
                     }
                 } else {
                     // a final response: the server ended the relation (RFC 7641 §3.2)
-                    *self.r.error_codes.entry(msg.code.to_string()).or_default() += 1;
+                    self.count_error(&msg);
                     self.rels[i].phase = Phase::Failed;
                     self.r.ended_by_server += 1;
                 }
