@@ -540,3 +540,65 @@ fn observe_through_gateway_to_serve() {
         "{summary}"
     );
 }
+
+/// `--observe` over the gateway's `max_relations`: the relations beyond it are refused
+/// with 5.03, and the report says why with the first diagnostic payload of that code.
+#[test]
+fn observe_report_names_the_refusal_and_its_diagnostic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = free_port();
+    let gw_port = free_port();
+    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
+    let config = oscore_gateway_config(tmp.path(), gw_port, "[observe]\nmax_relations = 2\n");
+    let o = Command::new(BIN)
+        .args([
+            "load",
+            "--serve",
+            &format!("127.0.0.1:{origin}"),
+            "--credentials",
+            srv_creds.to_str().unwrap(),
+            "--notify-ms",
+            "100",
+            "--max-seconds",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(("127.0.0.1", origin)).is_ok() {
+        assert!(Instant::now() < end, "origin did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let g = start_gateway(&config, Some(&gw_creds), gw_port);
+    let out = Command::new(BIN)
+        .args([
+            "load",
+            &format!("coap://127.0.0.1:{origin}/obs"),
+            "--proxy",
+            &format!("coap://127.0.0.1:{gw_port}"),
+            "--proxy-scheme",
+            "--observe",
+            "4",
+            "--window",
+            "4",
+            "--hold",
+            "0.5",
+            "--json",
+            "--duration-limit",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "some registrations failed");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["registered"], 2, "{r}");
+    assert_eq!(r["error_codes"]["5.03 Service Unavailable"], 2, "{r}");
+    let diag = r["first_diagnostics"]["5.03 Service Unavailable"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(diag.contains("observe.max_relations"), "{r}");
+    drop(g);
+    sigterm(o.id());
+    let _ = o.wait_with_output();
+}
