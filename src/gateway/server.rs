@@ -20,7 +20,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
+use super::dedup::{Dedup, Seen, Ticket, EXCHANGE_LIFETIME};
 use super::mmsg::{send_batch_to, RecvBatch};
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
 use super::target::Refusal;
@@ -176,14 +176,14 @@ async fn serve(
                 _ => continue, // a NON that is not a request: nothing to do
             }
             let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
-            match seen {
-                Seen::New => {}
+            let ticket = match seen {
+                Seen::New(ticket) => ticket,
                 Seen::InFlight => continue,
                 Seen::Answered(response) => {
                     let _ = socket.send_to(&response, peer).await;
                     continue;
                 }
-            }
+            };
             let gateway = Arc::clone(&gateway);
             let socket = Arc::clone(&socket);
             let dedup = Arc::clone(&dedup);
@@ -224,7 +224,7 @@ async fn serve(
                             let mut ack = Vec::with_capacity(4);
                             empty_ack(request.message_id, &mut ack);
                             let _ = socket.send_to(&ack, peer).await;
-                            lock(&dedup).answered(peer, request.message_id, ack);
+                            lock(&dedup).answered(ticket, ack);
                             separate = true;
                             work.await
                         }
@@ -242,7 +242,7 @@ async fn serve(
                     outbox.push(Answer {
                         datagram: out,
                         peer,
-                        mid: request.message_id,
+                        ticket,
                         _guard: guard,
                     });
                 }
@@ -258,8 +258,8 @@ async fn serve(
 struct Answer {
     datagram: Vec<u8>,
     peer: SocketAddr,
-    /// The request's Message ID (for deduplication of its retransmissions).
-    mid: u16,
+    /// The request's deduplication entry (for retransmissions of the request).
+    ticket: Ticket,
     /// The request counts as in flight until its answer has left.
     _guard: mpsc::Sender<()>,
 }
@@ -312,7 +312,7 @@ async fn send_answers(socket: Arc<UdpSocket>, outbox: Arc<Outbox>, dedup: Arc<Mu
         {
             let mut d = lock(&dedup);
             for a in batch.drain(..) {
-                d.answered(a.peer, a.mid, a.datagram);
+                d.answered(a.ticket, a.datagram);
             }
         }
         // The listener stopped and no request task is left to queue an answer.
