@@ -2,6 +2,7 @@
 //! aiocoap does), and opening each context directory once per process (it is locked while
 //! open, like aiocoap's), shared by every request that needs it and closed at shutdown.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -168,7 +169,7 @@ impl Protection for OscoreProtection {
 /// durable writes then share journal commits) while two requests for one directory still
 /// never open it twice (the second waits on the slot).
 pub struct ContextCache {
-    open: std::sync::Mutex<super::FastMap<PathBuf, Arc<Slot>>>,
+    open: std::sync::Mutex<Slots>,
     /// Bounds the opens in flight (each holds a blocking thread): enough for their durable
     /// writes to share journal commits, without a burst of first uses growing the blocking
     /// pool to hundreds of threads.
@@ -176,6 +177,29 @@ pub struct ContextCache {
 }
 
 type Slot = tokio::sync::OnceCell<Arc<OscoreProtection>>;
+
+/// The slots, by directory. `by_path` is the table (a `Path` key: "a/b" and "a//b/" are one
+/// directory, opened and locked once); `by_spelling` finds the same slots by the exact
+/// bytes of the path the caller passed, which is what every request after the first takes:
+/// hashing a `Path` walks its components (~450 instructions per request for a typical
+/// folder), hashing its bytes is one pass of the fast hasher.
+#[derive(Default)]
+struct Slots {
+    by_path: super::FastMap<PathBuf, Arc<Slot>>,
+    by_spelling: super::FastMap<OsString, Arc<Slot>>,
+}
+
+impl Slots {
+    /// Spellings remembered, at most (they come from the credentials, so a handful per
+    /// directory; the bound only guards against an unexpected source).
+    fn spelling_bound(&self) -> usize {
+        4 * self.by_path.len() + 16
+    }
+}
+
+fn is_usable(slot: &Slot) -> bool {
+    !matches!(slot.get(), Some(p) if p.persister.is_closed())
+}
 
 /// Opens in flight at once (see `ContextCache::opening`).
 const CONCURRENT_OPENS: usize = 16;
@@ -194,7 +218,7 @@ impl ContextCache {
         Self::default()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, super::FastMap<PathBuf, Arc<Slot>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -203,14 +227,24 @@ impl ContextCache {
     /// The slot for `dir`; a slot whose context was closed is replaced by an empty one.
     fn slot(&self, dir: &Path) -> Arc<Slot> {
         let mut map = self.map();
-        if let Some(slot) = map.get(dir) {
-            match slot.get() {
-                Some(p) if p.persister.is_closed() => {}
-                _ => return Arc::clone(slot),
+        if let Some(slot) = map.by_spelling.get(dir.as_os_str()) {
+            if is_usable(slot) {
+                return Arc::clone(slot);
             }
         }
-        let slot = Arc::new(Slot::new());
-        map.insert(dir.to_owned(), Arc::clone(&slot));
+        let slot = match map.by_path.get(dir) {
+            Some(slot) if is_usable(slot) => Arc::clone(slot),
+            _ => {
+                let slot = Arc::new(Slot::new());
+                map.by_path.insert(dir.to_owned(), Arc::clone(&slot));
+                slot
+            }
+        };
+        if map.by_spelling.len() >= map.spelling_bound() {
+            map.by_spelling.clear();
+        }
+        map.by_spelling
+            .insert(dir.as_os_str().to_owned(), Arc::clone(&slot));
         slot
     }
 
@@ -252,11 +286,14 @@ impl ContextCache {
     /// the failures. Blocking file I/O, spread over a few blocking threads so that the
     /// durable writes of many contexts share journal commits.
     pub async fn close_all(&self) -> Vec<(PathBuf, StoreError)> {
-        let contexts: Vec<(PathBuf, Arc<OscoreProtection>)> = self
-            .map()
-            .drain()
-            .filter_map(|(dir, slot)| slot.get().map(|p| (dir, Arc::clone(p))))
-            .collect();
+        let contexts: Vec<(PathBuf, Arc<OscoreProtection>)> = {
+            let mut map = self.map();
+            map.by_spelling.clear();
+            map.by_path.drain().collect::<Vec<_>>()
+        }
+        .into_iter()
+        .filter_map(|(dir, slot)| slot.get().map(|p| (dir, Arc::clone(p))))
+        .collect();
         const CLOSERS: usize = 16;
         let per_closer = contexts.len().div_ceil(CLOSERS).max(1);
         let mut groups = Vec::new();
@@ -288,6 +325,7 @@ impl ContextCache {
     /// The directories open now.
     pub async fn open_dirs(&self) -> Vec<PathBuf> {
         self.map()
+            .by_path
             .iter()
             .filter(|(_, slot)| slot.get().is_some_and(|p| !p.persister.is_closed()))
             .map(|(dir, _)| dir.clone())
@@ -349,6 +387,41 @@ mod tests {
         // is open would be refused).
         let again = cache.get(&dirs[0]).await.unwrap();
         assert!(!again.persister().is_closed());
+        assert!(cache.close_all().await.is_empty());
+    }
+
+    /// One directory written several ways ("d", "d/", "d/.", "parent//d"): one context,
+    /// whichever spelling comes first and however many spellings there are; once it is
+    /// closed, every spelling gets the freshly opened one.
+    #[tokio::test]
+    async fn spellings_of_one_directory_share_one_context() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = context_dir(tmp.path(), "c");
+        let spellings = [
+            PathBuf::from(format!("{}/", d.display())),
+            d.clone(),
+            d.join("."),
+            PathBuf::from(format!("{}//c", tmp.path().display())),
+        ];
+        let cache = ContextCache::new();
+        let first = cache.get(&spellings[0]).await.unwrap();
+        for s in &spellings {
+            assert!(Arc::ptr_eq(&first, &cache.get(s).await.unwrap()), "{s:?}");
+        }
+        // more spellings than the alias table keeps
+        for n in 1..60 {
+            let s = PathBuf::from(format!("{}{}", d.display(), "/".repeat(n)));
+            assert!(Arc::ptr_eq(&first, &cache.get(&s).await.unwrap()), "{s:?}");
+        }
+        assert_eq!(cache.open_dirs().await.len(), 1);
+        first.close().unwrap();
+        let again = cache.get(&spellings[2]).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert!(!again.persister().is_closed());
+        for s in &spellings {
+            assert!(Arc::ptr_eq(&again, &cache.get(s).await.unwrap()), "{s:?}");
+        }
+        drop((first, again));
         assert!(cache.close_all().await.is_empty());
     }
 }
