@@ -16,6 +16,7 @@
 pub mod blockwise;
 pub mod busy_poll;
 pub mod contexts;
+pub mod deadlines;
 pub mod dedup;
 pub mod forward;
 pub mod inbound;

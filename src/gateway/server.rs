@@ -20,6 +20,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::deadlines::Deadlines;
 use super::dedup::{Dedup, Seen, Ticket, EXCHANGE_LIFETIME};
 use super::mmsg::{send_batch_to, RecvBatch};
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
@@ -118,6 +119,11 @@ async fn serve(
     let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
     let pending: Pending = Arc::default();
     let outbox = Arc::new(Outbox::default());
+    // One sweeper for every request's "answer separately after SEPARATE_AFTER" (no timer
+    // per request); it ends after the listener stopped and the last deadline fired.
+    let separate_after = Deadlines::new(SEPARATE_AFTER);
+    tokio::spawn(Arc::clone(&separate_after).sweep());
+    let _stop_sweeper = StopOnDrop(Arc::clone(&separate_after));
     tokio::spawn(send_answers(
         Arc::clone(&socket),
         Arc::clone(&outbox),
@@ -191,6 +197,7 @@ async fn serve(
             let next_mid = Arc::clone(&next_mid);
             let guard = inflight.clone();
             let outbox = Arc::clone(&outbox);
+            let separate_after = Arc::clone(&separate_after);
             let fut = async move {
                 let guard = guard;
                 let Ok(request) = MessageView::parse(&datagram) else {
@@ -219,7 +226,7 @@ async fn serve(
                 let result = if request.mtype == MessageType::Confirmable {
                     tokio::select! {
                         r = &mut work => r,
-                        _ = tokio::time::sleep(SEPARATE_AFTER) => {
+                        _ = separate_after.wait() => {
                             // §5.2.2: empty ACK now; retransmissions of the CON get it again.
                             let mut ack = Vec::with_capacity(4);
                             empty_ack(request.message_id, &mut ack);
@@ -319,6 +326,16 @@ async fn send_answers(socket: Arc<UdpSocket>, outbox: Arc<Outbox>, dedup: Arc<Mu
         if Arc::strong_count(&outbox) == 1 && lock(&outbox.queue).is_empty() {
             return;
         }
+    }
+}
+
+/// Tells the separate-response sweeper that no more requests come when the listener loop
+/// ends.
+struct StopOnDrop(Arc<Deadlines>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
