@@ -154,8 +154,14 @@ impl Deadlines {
 
     /// A future that completes `delay` after now (never, if dropped first).
     pub fn wait(self: &Arc<Self>) -> Wait {
+        self.wait_from(Instant::now())
+    }
+
+    /// A future that completes `delay` after `now` (the caller's recent clock reading;
+    /// readings passed in must not go back, see `Queue::register`).
+    pub fn wait_from(self: &Arc<Self>, now: Instant) -> Wait {
         let mut q = self.lock();
-        let id = q.register(Instant::now());
+        let id = q.register(now);
         let idle = !q.armed;
         q.armed = true;
         drop(q);
@@ -199,6 +205,46 @@ impl Deadlines {
                     self.wake.notified().await;
                 }
             }
+        }
+    }
+}
+
+/// `Deadlines` for a delay used wherever the owner is (the gateway's `upstream_timeout`):
+/// the sweeper task starts at the first `wait` (which must run inside the tokio runtime
+/// that then serves every wait) and stops when this is dropped.
+pub struct LazyDeadlines {
+    delay: Duration,
+    inner: std::sync::OnceLock<Arc<Deadlines>>,
+}
+
+impl LazyDeadlines {
+    pub fn new(delay: Duration) -> Self {
+        Self {
+            delay,
+            inner: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    /// A future that completes `delay` after now (never, if dropped first).
+    pub fn wait(&self) -> Wait {
+        self.inner
+            .get_or_init(|| {
+                let d = Deadlines::new(self.delay);
+                tokio::spawn(Arc::clone(&d).sweep());
+                d
+            })
+            .wait()
+    }
+}
+
+impl Drop for LazyDeadlines {
+    fn drop(&mut self) {
+        if let Some(d) = self.inner.get() {
+            d.stop();
         }
     }
 }
@@ -348,5 +394,31 @@ mod tests {
         d.stop();
         sweeper.await.unwrap();
         assert!(d.lock().is_empty());
+    }
+
+    /// A wait that loses a `select!` against a quicker future is dropped and leaves nothing
+    /// behind; one that wins completes. The sweeper stops with its owner.
+    #[tokio::test]
+    async fn lazy_deadlines_as_a_timeout() {
+        let lazy = LazyDeadlines::new(Duration::from_millis(20));
+        let quick = tokio::select! {
+            biased;
+            _ = std::future::ready(()) => true,
+            _ = lazy.wait() => false,
+        };
+        assert!(quick);
+        let slow = tokio::select! {
+            biased;
+            _ = std::future::pending::<()>() => false,
+            _ = lazy.wait() => true,
+        };
+        assert!(slow);
+        let d = Arc::clone(lazy.inner.get().unwrap());
+        assert!(d.lock().is_empty());
+        drop(lazy);
+        // the sweeper ends: only this test's handle is left
+        while Arc::strong_count(&d) > 1 {
+            tokio::task::yield_now().await;
+        }
     }
 }

@@ -265,12 +265,13 @@ impl Gateway {
                 .forward_bounded(&*protection, &request, &target, hop_limit)
                 .await;
         }
-        tokio::time::timeout(
-            timeout,
-            self.device_exchange(sc, &request, &target, hop_limit),
-        )
-        .await
-        .map_err(|_| timed_out())?
+        // Like `tokio::time::timeout` (the exchange is polled first), without a timer per
+        // request (`deadlines`).
+        tokio::select! {
+            biased;
+            r = self.device_exchange(sc, &request, &target, hop_limit) => r,
+            _ = self.upstream_deadline.wait() => Err(timed_out()),
+        }
     }
 
     /// The verified request's target and Hop-Limit, after the route's `allow`.

@@ -89,6 +89,8 @@ pub struct Gateway {
     observations: Arc<observe::Observations>,
     /// Datagram activity for the busy-poll spinner (None: `coap.busy_poll_us` = 0).
     activity: Option<Arc<busy_poll::Activity>>,
+    /// `policy.upstream_timeout` for every request (one sweeper, no timer per request).
+    pub(crate) upstream_deadline: deadlines::LazyDeadlines,
 }
 
 impl Gateway {
@@ -139,6 +141,7 @@ impl Gateway {
             upstream: upstream::Upstream::new(link_params).with_activity(activity.clone()),
             activity,
             observations: Arc::new(observe::Observations::new(config.max_observe_relations)),
+            upstream_deadline: deadlines::LazyDeadlines::new(config.policy.upstream_timeout),
             config,
         })
     }
@@ -240,29 +243,30 @@ impl Gateway {
         target: &Target,
         hop_limit: u8,
     ) -> Result<Vec<u8>, Refusal> {
-        let timeout = self.config.policy.upstream_timeout;
-        tokio::time::timeout(
-            timeout,
-            forward::forward(
-                protection,
-                request,
-                target,
-                hop_limit,
-                &self.upstream,
-                &self.config.blockwise,
-                &self.tags,
-            ),
-        )
-        .await
-        .map_err(|_| {
-            Refusal::new(
+        let forwarded = forward::forward(
+            protection,
+            request,
+            target,
+            hop_limit,
+            &self.upstream,
+            &self.config.blockwise,
+            &self.tags,
+        );
+        // Pinned where it is (moving it into `select!` copied the whole future).
+        tokio::pin!(forwarded);
+        // Like `tokio::time::timeout`: the exchange is polled first.
+        tokio::select! {
+            biased;
+            r = &mut forwarded => r,
+            _ = self.upstream_deadline.wait() => Err(Refusal::new(
                 Code::GATEWAY_TIMEOUT,
                 format!(
-                    "origin {} did not answer within {timeout:?}",
-                    target.uri.matching_uri()
+                    "origin {} did not answer within {:?}",
+                    target.uri.matching_uri(),
+                    self.upstream_deadline.delay()
                 ),
-            )
-        })?
+            )),
+        }
     }
 
     pub fn config(&self) -> &Config {

@@ -152,6 +152,9 @@ async fn serve(
                 }
             },
         };
+        // One clock reading per batch: the arrival time for deduplication and the
+        // separate-response deadline of every request in it.
+        let now = Instant::now().into_std();
         for i in 0..received {
             let (data, peer) = batch.get(i);
             let Some(peer) = peer else { continue };
@@ -181,7 +184,7 @@ async fn serve(
                 }
                 _ => continue, // a NON that is not a request: nothing to do
             }
-            let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
+            let seen = lock(&dedup).check(peer, msg.message_id, now);
             let ticket = match seen {
                 Seen::New(ticket) => ticket,
                 Seen::InFlight => continue,
@@ -197,7 +200,10 @@ async fn serve(
             let next_mid = Arc::clone(&next_mid);
             let guard = inflight.clone();
             let outbox = Arc::clone(&outbox);
-            let separate_after = Arc::clone(&separate_after);
+            // §5.2.2: a CON not answered by then is acknowledged first (registered here, in
+            // arrival order).
+            let separate_wait =
+                (msg.mtype == MessageType::Confirmable).then(|| separate_after.wait_from(now));
             let fut = async move {
                 let guard = guard;
                 let Ok(request) = MessageView::parse(&datagram) else {
@@ -223,10 +229,11 @@ async fn serve(
                 };
                 tokio::pin!(work);
                 let mut separate = false;
-                let result = if request.mtype == MessageType::Confirmable {
+                let result = if let Some(separate_wait) = separate_wait {
                     tokio::select! {
+                        biased;
                         r = &mut work => r,
-                        _ = separate_after.wait() => {
+                        _ = separate_wait => {
                             // §5.2.2: empty ACK now; retransmissions of the CON get it again.
                             let mut ack = Vec::with_capacity(4);
                             empty_ack(request.message_id, &mut ack);
