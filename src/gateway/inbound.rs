@@ -313,7 +313,7 @@ impl Gateway {
         let token = random_bytes::<8>();
         let mut out = Vec::with_capacity(request.payload.len() + 64);
         // Message ID 0: the link sets this leg's own.
-        build_upstream_request(request, &target.uri, hop_limit, None, 0, &token, &mut out)?;
+        build_upstream_request(request, target, hop_limit, None, 0, &token, &mut out)?;
         let response = sc
             .upstream
             .exchange(peer, out)
