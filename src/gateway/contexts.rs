@@ -12,8 +12,8 @@ use crate::client::{ClientError, Protection};
 use crate::coap::uri::default_port;
 use crate::coap::{number, CoapUri, MessageView};
 use crate::credentials::{
-    ContextPersister, ContextStore, CredentialsError, CredentialsMap, Entry, OscoreCredential,
-    StoreError,
+    ContextPersister, ContextStore, Credential, CredentialsError, CredentialsMap, Entry,
+    OscoreCredential, StoreError,
 };
 use crate::oscore::{
     protect_request, unprotect_response, DeriveError, RequestBinding, SecurityContext,
@@ -35,6 +35,143 @@ pub fn find_credential<'m>(
         ..uri.clone()
     };
     map.oscore_for(&normalised.matching_uri())
+}
+
+/// `find_credential`'s answers, remembered by target URI (the same few targets are asked
+/// for again and again). A lookup formats the URI and matches it against every pattern
+/// (~1 000 instructions per request); a hit here is one SipHash of the URI. The URIs come
+/// from clients, so the table keeps std's randomly keyed SipHash and is bounded: when full
+/// it is emptied (a client cycling through many URIs costs each of its requests one full
+/// lookup, as without the cache). Failed lookups are not remembered.
+pub struct CredentialCache {
+    /// (target URI, index of the matching entry in `CredentialsMap::entries`; None: no
+    /// pattern matches), found by `hash`.
+    known: std::sync::Mutex<hashbrown::HashTable<(CoapUri, Option<usize>)>>,
+    hasher: std::hash::RandomState,
+    capacity: usize,
+}
+
+/// Target URIs remembered by `CredentialCache`, at most.
+pub const CREDENTIAL_CACHE: usize = 1024;
+
+impl CredentialCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            known: std::sync::Mutex::default(),
+            hasher: std::hash::RandomState::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// SipHash of the URI's parts, fed in one `write` from a stack buffer (SipHash per
+    /// `write` call of every field of a derived `Hash` was ~500 instructions per request).
+    /// Parts are length-prefixed; a URI longer than the buffer goes in several writes.
+    fn hash(&self, uri: &CoapUri) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        struct Buffered<H> {
+            h: H,
+            buf: [u8; 192],
+            len: usize,
+        }
+        impl<H: Hasher> Buffered<H> {
+            fn put(&mut self, part: &[u8]) {
+                let n = part.len();
+                if self.len + 4 + n > self.buf.len() {
+                    self.h.write(&self.buf[..self.len]);
+                    self.len = 0;
+                    if 4 + n > self.buf.len() {
+                        self.h.write_u32(n as u32);
+                        self.h.write(part);
+                        return;
+                    }
+                }
+                self.buf[self.len..self.len + 4].copy_from_slice(&(n as u32).to_le_bytes());
+                self.buf[self.len + 4..self.len + 4 + n].copy_from_slice(part);
+                self.len += 4 + n;
+            }
+        }
+        let mut b = Buffered {
+            h: self.hasher.build_hasher(),
+            buf: [0; 192],
+            len: 0,
+        };
+        b.put(uri.scheme.as_bytes());
+        b.put(uri.host.as_bytes());
+        b.put(&uri.port.map_or([0, 0, 0], |p| {
+            let [x, y] = p.to_le_bytes();
+            [1, x, y]
+        }));
+        b.put(&(uri.path.len() as u32).to_le_bytes());
+        for seg in &uri.path {
+            b.put(seg.as_bytes());
+        }
+        for arg in &uri.query {
+            b.put(arg.as_bytes());
+        }
+        b.h.write(&b.buf[..b.len]);
+        b.h.finish()
+    }
+
+    /// `find_credential(map, uri)`, from the cache when it was asked before. `map` must be
+    /// the same map at every call.
+    pub fn find<'m>(
+        &self,
+        map: &'m CredentialsMap,
+        uri: &CoapUri,
+    ) -> Result<Option<(&'m Entry, &'m OscoreCredential)>, CredentialsError> {
+        let lock = || {
+            self.known
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let hash = self.hash(uri);
+        let cached = lock().find(hash, |(u, _)| u == uri).map(|(_, i)| *i);
+        let entry = |i: usize| match map.entries().get(i) {
+            Some(
+                e @ Entry {
+                    credential: Credential::Oscore(o),
+                    ..
+                },
+            ) => Some((e, o)),
+            _ => None,
+        };
+        match cached {
+            Some(None) => return Ok(None),
+            Some(Some(i)) => {
+                if let Some(found) = entry(i) {
+                    return Ok(Some(found));
+                }
+            }
+            None => {}
+        }
+        let found = find_credential(map, uri)?;
+        let index = match found {
+            None => None,
+            Some((e, _)) => match map.entries().iter().position(|x| std::ptr::eq(x, e)) {
+                Some(i) => Some(i),
+                None => return Ok(found), // not an entry of `map`'s list: not cached
+            },
+        };
+        let mut known = lock();
+        if known.len() >= self.capacity {
+            known.clear();
+        }
+        if known.find(hash, |(u, _)| u == uri).is_none() {
+            known.insert_unique(hash, (uri.clone(), index), |(u, _)| self.hash(u));
+        }
+        Ok(found)
+    }
+
+    pub fn len(&self) -> usize {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a context could not be opened.
@@ -423,5 +560,59 @@ mod tests {
         }
         drop((first, again));
         assert!(cache.close_all().await.is_empty());
+    }
+
+    /// The cache answers like `find_credential` for matching and non-matching URIs, the
+    /// explicit-default-port fallback, several entries, URIs longer than the hash buffer,
+    /// and keeps doing so when it fills up and is emptied; errors are passed through.
+    #[test]
+    fn credential_cache_answers_like_find_credential() {
+        let map = CredentialsMap::from_json(
+            r#"{
+                "coap://a.example/x/*": {"oscore": {"basedir": "ctx-ax"}},
+                "coap://a.example/*": {"oscore": {"basedir": "ctx-a"}},
+                "coap://b.example:5683/*": {"oscore": {"basedir": "ctx-b"}},
+                "coap://127.0.0.1:48104/*": ":gw",
+                ":gw": {"oscore": {"basedir": "ctx-gw"}},
+                "coap://d.example/*": {"dtls": {"psk": {"ascii": "x"}, "client-identity": {"ascii": "y"}}}
+            }"#,
+            Path::new("/etc/gw/creds.json"),
+        )
+        .unwrap();
+        let long = format!("coap://a.example/{}/{}", "p".repeat(150), "q".repeat(300));
+        let uris: Vec<CoapUri> = [
+            "coap://a.example/x/y",
+            "coap://a.example/y?q=1",
+            "coap://a.example",
+            "coap://b.example/z",
+            "coap://b.example:5683/z",
+            "coap://127.0.0.1:48104/x",
+            "coap://127.0.0.1:48105/x",
+            "coap://c.example/x",
+            "coap://d.example/x",
+            long.as_str(),
+        ]
+        .iter()
+        .map(|u| CoapUri::parse(u).unwrap())
+        .collect();
+        let dir = |r: &Result<Option<(&Entry, &OscoreCredential)>, CredentialsError>| match r {
+            Ok(Some((e, o))) => Ok(Some((e.key.clone(), o.basedir.clone()))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        let cache = CredentialCache::new(4);
+        for round in 0..3 {
+            for u in &uris {
+                let expected = dir(&find_credential(&map, u));
+                assert_eq!(dir(&cache.find(&map, u)), expected, "round {round}: {u}");
+                assert!(cache.len() <= 4);
+            }
+        }
+        assert!(dir(&cache.find(&map, &uris[8])).is_err(), "dtls entry");
+        assert!(matches!(dir(&cache.find(&map, &uris[7])), Ok(None)));
+        // equal URIs hash alike; different ones (almost surely) not
+        assert_eq!(cache.hash(&uris[0]), cache.hash(&uris[0].clone()));
+        assert_ne!(cache.hash(&uris[0]), cache.hash(&uris[1]));
+        assert_eq!(cache.hash(&uris[9]), cache.hash(&uris[9].clone()));
     }
 }

@@ -76,6 +76,8 @@ pub enum GatewayError {
 pub struct Gateway {
     config: Config,
     credentials: Option<CredentialsMap>,
+    /// `find_credential` answers by target URI (`credentials` never changes).
+    credential_cache: contexts::CredentialCache,
     contexts: ContextCache,
     /// Server-side contexts (`:label` entries), opened at load (issue 4).
     server: ServerContexts,
@@ -136,6 +138,7 @@ impl Gateway {
             uploads,
             tags: RequestTags::new(start),
             credentials,
+            credential_cache: contexts::CredentialCache::new(contexts::CREDENTIAL_CACHE),
             contexts,
             server,
             upstream: upstream::Upstream::new(link_params).with_activity(activity.clone()),
@@ -383,7 +386,7 @@ impl Gateway {
         };
         // Formatted only for a diagnostic, not on the way of every request.
         let uri = || target.uri.matching_uri();
-        let credential = find_credential(map, &target.uri).map_err(|e| {
+        let credential = self.credential_cache.find(map, &target.uri).map_err(|e| {
             Refusal::new(
                 Code::SERVICE_UNAVAILABLE,
                 format!("credential for {}: {e}", uri()),
