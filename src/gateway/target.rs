@@ -74,7 +74,8 @@ pub fn resolve_target(request: &MessageView<'_>, routes: &[Route]) -> Result<Tar
     let mut proxy_scheme = None;
     let mut host = None;
     let mut port = None;
-    let mut path = Vec::new();
+    // Sized for the usual few segments (skips the first-push growth path).
+    let mut path = Vec::with_capacity(4);
     let mut query = Vec::new();
     for o in request.options() {
         match o.number {
