@@ -7,10 +7,12 @@
 
 pub mod message;
 pub mod option;
+pub mod token;
 pub mod uri;
 
 pub use message::{sort_options, CoapOption, Code, MessageBuilder, MessageType, MessageView};
 pub use option::{number, BlockValue};
+pub use token::Token;
 pub use uri::CoapUri;
 
 use thiserror::Error;

@@ -2,6 +2,7 @@
 //! aiocoap does), and opening each context directory once per process (it is locked while
 //! open, like aiocoap's), shared by every request that needs it and closed at shutdown.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,8 +12,8 @@ use crate::client::{ClientError, Protection};
 use crate::coap::uri::default_port;
 use crate::coap::{number, CoapUri, MessageView};
 use crate::credentials::{
-    ContextPersister, ContextStore, CredentialsError, CredentialsMap, Entry, OscoreCredential,
-    StoreError,
+    ContextPersister, ContextStore, Credential, CredentialsError, CredentialsMap, Entry,
+    OscoreCredential, StoreError,
 };
 use crate::oscore::{
     protect_request, unprotect_response, DeriveError, RequestBinding, SecurityContext,
@@ -34,6 +35,143 @@ pub fn find_credential<'m>(
         ..uri.clone()
     };
     map.oscore_for(&normalised.matching_uri())
+}
+
+/// `find_credential`'s answers, remembered by target URI (the same few targets are asked
+/// for again and again). A lookup formats the URI and matches it against every pattern
+/// (~1 000 instructions per request); a hit here is one SipHash of the URI. The URIs come
+/// from clients, so the table keeps std's randomly keyed SipHash and is bounded: when full
+/// it is emptied (a client cycling through many URIs costs each of its requests one full
+/// lookup, as without the cache). Failed lookups are not remembered.
+pub struct CredentialCache {
+    /// (target URI, index of the matching entry in `CredentialsMap::entries`; None: no
+    /// pattern matches), found by `hash`.
+    known: std::sync::Mutex<hashbrown::HashTable<(CoapUri, Option<usize>)>>,
+    hasher: std::hash::RandomState,
+    capacity: usize,
+}
+
+/// Target URIs remembered by `CredentialCache`, at most.
+pub const CREDENTIAL_CACHE: usize = 1024;
+
+impl CredentialCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            known: std::sync::Mutex::default(),
+            hasher: std::hash::RandomState::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// SipHash of the URI's parts, fed in one `write` from a stack buffer (SipHash per
+    /// `write` call of every field of a derived `Hash` was ~500 instructions per request).
+    /// Parts are length-prefixed; a URI longer than the buffer goes in several writes.
+    fn hash(&self, uri: &CoapUri) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        struct Buffered<H> {
+            h: H,
+            buf: [u8; 192],
+            len: usize,
+        }
+        impl<H: Hasher> Buffered<H> {
+            fn put(&mut self, part: &[u8]) {
+                let n = part.len();
+                if self.len + 4 + n > self.buf.len() {
+                    self.h.write(&self.buf[..self.len]);
+                    self.len = 0;
+                    if 4 + n > self.buf.len() {
+                        self.h.write_u32(n as u32);
+                        self.h.write(part);
+                        return;
+                    }
+                }
+                self.buf[self.len..self.len + 4].copy_from_slice(&(n as u32).to_le_bytes());
+                self.buf[self.len + 4..self.len + 4 + n].copy_from_slice(part);
+                self.len += 4 + n;
+            }
+        }
+        let mut b = Buffered {
+            h: self.hasher.build_hasher(),
+            buf: [0; 192],
+            len: 0,
+        };
+        b.put(uri.scheme.as_bytes());
+        b.put(uri.host.as_bytes());
+        b.put(&uri.port.map_or([0, 0, 0], |p| {
+            let [x, y] = p.to_le_bytes();
+            [1, x, y]
+        }));
+        b.put(&(uri.path.len() as u32).to_le_bytes());
+        for seg in &uri.path {
+            b.put(seg.as_bytes());
+        }
+        for arg in &uri.query {
+            b.put(arg.as_bytes());
+        }
+        b.h.write(&b.buf[..b.len]);
+        b.h.finish()
+    }
+
+    /// `find_credential(map, uri)`, from the cache when it was asked before. `map` must be
+    /// the same map at every call.
+    pub fn find<'m>(
+        &self,
+        map: &'m CredentialsMap,
+        uri: &CoapUri,
+    ) -> Result<Option<(&'m Entry, &'m OscoreCredential)>, CredentialsError> {
+        let lock = || {
+            self.known
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let hash = self.hash(uri);
+        let cached = lock().find(hash, |(u, _)| u == uri).map(|(_, i)| *i);
+        let entry = |i: usize| match map.entries().get(i) {
+            Some(
+                e @ Entry {
+                    credential: Credential::Oscore(o),
+                    ..
+                },
+            ) => Some((e, o)),
+            _ => None,
+        };
+        match cached {
+            Some(None) => return Ok(None),
+            Some(Some(i)) => {
+                if let Some(found) = entry(i) {
+                    return Ok(Some(found));
+                }
+            }
+            None => {}
+        }
+        let found = find_credential(map, uri)?;
+        let index = match found {
+            None => None,
+            Some((e, _)) => match map.entries().iter().position(|x| std::ptr::eq(x, e)) {
+                Some(i) => Some(i),
+                None => return Ok(found), // not an entry of `map`'s list: not cached
+            },
+        };
+        let mut known = lock();
+        if known.len() >= self.capacity {
+            known.clear();
+        }
+        if known.find(hash, |(u, _)| u == uri).is_none() {
+            known.insert_unique(hash, (uri.clone(), index), |(u, _)| self.hash(u));
+        }
+        Ok(found)
+    }
+
+    pub fn len(&self) -> usize {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a context could not be opened.
@@ -168,7 +306,7 @@ impl Protection for OscoreProtection {
 /// durable writes then share journal commits) while two requests for one directory still
 /// never open it twice (the second waits on the slot).
 pub struct ContextCache {
-    open: std::sync::Mutex<super::FastMap<PathBuf, Arc<Slot>>>,
+    open: std::sync::Mutex<Slots>,
     /// Bounds the opens in flight (each holds a blocking thread): enough for their durable
     /// writes to share journal commits, without a burst of first uses growing the blocking
     /// pool to hundreds of threads.
@@ -176,6 +314,29 @@ pub struct ContextCache {
 }
 
 type Slot = tokio::sync::OnceCell<Arc<OscoreProtection>>;
+
+/// The slots, by directory. `by_path` is the table (a `Path` key: "a/b" and "a//b/" are one
+/// directory, opened and locked once); `by_spelling` finds the same slots by the exact
+/// bytes of the path the caller passed, which is what every request after the first takes:
+/// hashing a `Path` walks its components (~450 instructions per request for a typical
+/// folder), hashing its bytes is one pass of the fast hasher.
+#[derive(Default)]
+struct Slots {
+    by_path: super::FastMap<PathBuf, Arc<Slot>>,
+    by_spelling: super::FastMap<OsString, Arc<Slot>>,
+}
+
+impl Slots {
+    /// Spellings remembered, at most (they come from the credentials, so a handful per
+    /// directory; the bound only guards against an unexpected source).
+    fn spelling_bound(&self) -> usize {
+        4 * self.by_path.len() + 16
+    }
+}
+
+fn is_usable(slot: &Slot) -> bool {
+    !matches!(slot.get(), Some(p) if p.persister.is_closed())
+}
 
 /// Opens in flight at once (see `ContextCache::opening`).
 const CONCURRENT_OPENS: usize = 16;
@@ -194,7 +355,7 @@ impl ContextCache {
         Self::default()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, super::FastMap<PathBuf, Arc<Slot>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -203,14 +364,24 @@ impl ContextCache {
     /// The slot for `dir`; a slot whose context was closed is replaced by an empty one.
     fn slot(&self, dir: &Path) -> Arc<Slot> {
         let mut map = self.map();
-        if let Some(slot) = map.get(dir) {
-            match slot.get() {
-                Some(p) if p.persister.is_closed() => {}
-                _ => return Arc::clone(slot),
+        if let Some(slot) = map.by_spelling.get(dir.as_os_str()) {
+            if is_usable(slot) {
+                return Arc::clone(slot);
             }
         }
-        let slot = Arc::new(Slot::new());
-        map.insert(dir.to_owned(), Arc::clone(&slot));
+        let slot = match map.by_path.get(dir) {
+            Some(slot) if is_usable(slot) => Arc::clone(slot),
+            _ => {
+                let slot = Arc::new(Slot::new());
+                map.by_path.insert(dir.to_owned(), Arc::clone(&slot));
+                slot
+            }
+        };
+        if map.by_spelling.len() >= map.spelling_bound() {
+            map.by_spelling.clear();
+        }
+        map.by_spelling
+            .insert(dir.as_os_str().to_owned(), Arc::clone(&slot));
         slot
     }
 
@@ -252,11 +423,14 @@ impl ContextCache {
     /// the failures. Blocking file I/O, spread over a few blocking threads so that the
     /// durable writes of many contexts share journal commits.
     pub async fn close_all(&self) -> Vec<(PathBuf, StoreError)> {
-        let contexts: Vec<(PathBuf, Arc<OscoreProtection>)> = self
-            .map()
-            .drain()
-            .filter_map(|(dir, slot)| slot.get().map(|p| (dir, Arc::clone(p))))
-            .collect();
+        let contexts: Vec<(PathBuf, Arc<OscoreProtection>)> = {
+            let mut map = self.map();
+            map.by_spelling.clear();
+            map.by_path.drain().collect::<Vec<_>>()
+        }
+        .into_iter()
+        .filter_map(|(dir, slot)| slot.get().map(|p| (dir, Arc::clone(p))))
+        .collect();
         const CLOSERS: usize = 16;
         let per_closer = contexts.len().div_ceil(CLOSERS).max(1);
         let mut groups = Vec::new();
@@ -288,6 +462,7 @@ impl ContextCache {
     /// The directories open now.
     pub async fn open_dirs(&self) -> Vec<PathBuf> {
         self.map()
+            .by_path
             .iter()
             .filter(|(_, slot)| slot.get().is_some_and(|p| !p.persister.is_closed()))
             .map(|(dir, _)| dir.clone())
@@ -350,5 +525,94 @@ mod tests {
         let again = cache.get(&dirs[0]).await.unwrap();
         assert!(!again.persister().is_closed());
         assert!(cache.close_all().await.is_empty());
+    }
+
+    /// One directory written several ways ("d", "d/", "d/.", "parent//d"): one context,
+    /// whichever spelling comes first and however many spellings there are; once it is
+    /// closed, every spelling gets the freshly opened one.
+    #[tokio::test]
+    async fn spellings_of_one_directory_share_one_context() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = context_dir(tmp.path(), "c");
+        let spellings = [
+            PathBuf::from(format!("{}/", d.display())),
+            d.clone(),
+            d.join("."),
+            PathBuf::from(format!("{}//c", tmp.path().display())),
+        ];
+        let cache = ContextCache::new();
+        let first = cache.get(&spellings[0]).await.unwrap();
+        for s in &spellings {
+            assert!(Arc::ptr_eq(&first, &cache.get(s).await.unwrap()), "{s:?}");
+        }
+        // more spellings than the alias table keeps
+        for n in 1..60 {
+            let s = PathBuf::from(format!("{}{}", d.display(), "/".repeat(n)));
+            assert!(Arc::ptr_eq(&first, &cache.get(&s).await.unwrap()), "{s:?}");
+        }
+        assert_eq!(cache.open_dirs().await.len(), 1);
+        first.close().unwrap();
+        let again = cache.get(&spellings[2]).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert!(!again.persister().is_closed());
+        for s in &spellings {
+            assert!(Arc::ptr_eq(&again, &cache.get(s).await.unwrap()), "{s:?}");
+        }
+        drop((first, again));
+        assert!(cache.close_all().await.is_empty());
+    }
+
+    /// The cache answers like `find_credential` for matching and non-matching URIs, the
+    /// explicit-default-port fallback, several entries, URIs longer than the hash buffer,
+    /// and keeps doing so when it fills up and is emptied; errors are passed through.
+    #[test]
+    fn credential_cache_answers_like_find_credential() {
+        let map = CredentialsMap::from_json(
+            r#"{
+                "coap://a.example/x/*": {"oscore": {"basedir": "ctx-ax"}},
+                "coap://a.example/*": {"oscore": {"basedir": "ctx-a"}},
+                "coap://b.example:5683/*": {"oscore": {"basedir": "ctx-b"}},
+                "coap://127.0.0.1:48104/*": ":gw",
+                ":gw": {"oscore": {"basedir": "ctx-gw"}},
+                "coap://d.example/*": {"dtls": {"psk": {"ascii": "x"}, "client-identity": {"ascii": "y"}}}
+            }"#,
+            Path::new("/etc/gw/creds.json"),
+        )
+        .unwrap();
+        let long = format!("coap://a.example/{}/{}", "p".repeat(150), "q".repeat(300));
+        let uris: Vec<CoapUri> = [
+            "coap://a.example/x/y",
+            "coap://a.example/y?q=1",
+            "coap://a.example",
+            "coap://b.example/z",
+            "coap://b.example:5683/z",
+            "coap://127.0.0.1:48104/x",
+            "coap://127.0.0.1:48105/x",
+            "coap://c.example/x",
+            "coap://d.example/x",
+            long.as_str(),
+        ]
+        .iter()
+        .map(|u| CoapUri::parse(u).unwrap())
+        .collect();
+        let dir = |r: &Result<Option<(&Entry, &OscoreCredential)>, CredentialsError>| match r {
+            Ok(Some((e, o))) => Ok(Some((e.key.clone(), o.basedir.clone()))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        };
+        let cache = CredentialCache::new(4);
+        for round in 0..3 {
+            for u in &uris {
+                let expected = dir(&find_credential(&map, u));
+                assert_eq!(dir(&cache.find(&map, u)), expected, "round {round}: {u}");
+                assert!(cache.len() <= 4);
+            }
+        }
+        assert!(dir(&cache.find(&map, &uris[8])).is_err(), "dtls entry");
+        assert!(matches!(dir(&cache.find(&map, &uris[7])), Ok(None)));
+        // equal URIs hash alike; different ones (almost surely) not
+        assert_eq!(cache.hash(&uris[0]), cache.hash(&uris[0].clone()));
+        assert_ne!(cache.hash(&uris[0]), cache.hash(&uris[1]));
+        assert_eq!(cache.hash(&uris[9]), cache.hash(&uris[9].clone()));
     }
 }

@@ -82,9 +82,12 @@ pub async fn forward<P: Protection>(
     limits: &Limits,
     tags: &RequestTags,
 ) -> Result<Vec<u8>, Refusal> {
-    let peer = resolve(&target.uri.host, target.uri.effective_port())
-        .await
-        .map_err(|e| refusal(e.into(), target))?;
+    let peer = match target.ip {
+        Some(ip) => std::net::SocketAddr::new(ip, target.uri.effective_port()),
+        None => resolve(&target.uri.host, target.uri.effective_port())
+            .await
+            .map_err(|e| refusal(e.into(), target))?,
+    };
     let mut leg = Leg {
         upstream,
         peer,
@@ -184,7 +187,7 @@ impl<P: Protection> Leg<'_, P> {
             let token = random_bytes::<8>();
             build_upstream_request_with(
                 request,
-                &target.uri,
+                target,
                 self.hop_limit,
                 echo.as_deref(),
                 body,

@@ -265,12 +265,13 @@ impl Gateway {
                 .forward_bounded(&*protection, &request, &target, hop_limit)
                 .await;
         }
-        tokio::time::timeout(
-            timeout,
-            self.device_exchange(sc, &request, &target, hop_limit),
-        )
-        .await
-        .map_err(|_| timed_out())?
+        // Like `tokio::time::timeout` (the exchange is polled first), without a timer per
+        // request (`deadlines`).
+        tokio::select! {
+            biased;
+            r = self.device_exchange(sc, &request, &target, hop_limit) => r,
+            _ = self.upstream_deadline.wait() => Err(timed_out()),
+        }
     }
 
     /// The verified request's target and Hop-Limit, after the route's `allow`.
@@ -312,7 +313,7 @@ impl Gateway {
         let token = random_bytes::<8>();
         let mut out = Vec::with_capacity(request.payload.len() + 64);
         // Message ID 0: the link sets this leg's own.
-        build_upstream_request(request, &target.uri, hop_limit, None, 0, &token, &mut out)?;
+        build_upstream_request(request, target, hop_limit, None, 0, &token, &mut out)?;
         let response = sc
             .upstream
             .exchange(peer, out)

@@ -16,6 +16,7 @@
 pub mod blockwise;
 pub mod busy_poll;
 pub mod contexts;
+pub mod deadlines;
 pub mod dedup;
 pub mod forward;
 pub mod inbound;
@@ -75,6 +76,8 @@ pub enum GatewayError {
 pub struct Gateway {
     config: Config,
     credentials: Option<CredentialsMap>,
+    /// `find_credential` answers by target URI (`credentials` never changes).
+    credential_cache: contexts::CredentialCache,
     contexts: ContextCache,
     /// Server-side contexts (`:label` entries), opened at load (issue 4).
     server: ServerContexts,
@@ -88,6 +91,8 @@ pub struct Gateway {
     observations: Arc<observe::Observations>,
     /// Datagram activity for the busy-poll spinner (None: `coap.busy_poll_us` = 0).
     activity: Option<Arc<busy_poll::Activity>>,
+    /// `policy.upstream_timeout` for every request (one sweeper, no timer per request).
+    pub(crate) upstream_deadline: deadlines::LazyDeadlines,
 }
 
 impl Gateway {
@@ -133,11 +138,13 @@ impl Gateway {
             uploads,
             tags: RequestTags::new(start),
             credentials,
+            credential_cache: contexts::CredentialCache::new(contexts::CREDENTIAL_CACHE),
             contexts,
             server,
             upstream: upstream::Upstream::new(link_params).with_activity(activity.clone()),
             activity,
             observations: Arc::new(observe::Observations::new(config.max_observe_relations)),
+            upstream_deadline: deadlines::LazyDeadlines::new(config.policy.upstream_timeout),
             config,
         })
     }
@@ -239,29 +246,30 @@ impl Gateway {
         target: &Target,
         hop_limit: u8,
     ) -> Result<Vec<u8>, Refusal> {
-        let timeout = self.config.policy.upstream_timeout;
-        tokio::time::timeout(
-            timeout,
-            forward::forward(
-                protection,
-                request,
-                target,
-                hop_limit,
-                &self.upstream,
-                &self.config.blockwise,
-                &self.tags,
-            ),
-        )
-        .await
-        .map_err(|_| {
-            Refusal::new(
+        let forwarded = forward::forward(
+            protection,
+            request,
+            target,
+            hop_limit,
+            &self.upstream,
+            &self.config.blockwise,
+            &self.tags,
+        );
+        // Pinned where it is (moving it into `select!` copied the whole future).
+        tokio::pin!(forwarded);
+        // Like `tokio::time::timeout`: the exchange is polled first.
+        tokio::select! {
+            biased;
+            r = &mut forwarded => r,
+            _ = self.upstream_deadline.wait() => Err(Refusal::new(
                 Code::GATEWAY_TIMEOUT,
                 format!(
-                    "origin {} did not answer within {timeout:?}",
-                    target.uri.matching_uri()
+                    "origin {} did not answer within {:?}",
+                    target.uri.matching_uri(),
+                    self.upstream_deadline.delay()
                 ),
-            )
-        })?
+            )),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -378,7 +386,7 @@ impl Gateway {
         };
         // Formatted only for a diagnostic, not on the way of every request.
         let uri = || target.uri.matching_uri();
-        let credential = find_credential(map, &target.uri).map_err(|e| {
+        let credential = self.credential_cache.find(map, &target.uri).map_err(|e| {
             Refusal::new(
                 Code::SERVICE_UNAVAILABLE,
                 format!("credential for {}: {e}", uri()),

@@ -691,7 +691,7 @@ impl Observations {
         let build = |echo: Option<&[u8]>, token: &[u8; 8], plain: &mut Vec<u8>| {
             build_upstream_request_with(
                 reg.request,
-                &reg.target.uri,
+                reg.target,
                 reg.hop_limit,
                 echo,
                 body,
@@ -971,7 +971,7 @@ impl Relation {
         };
         build_upstream_request_with(
             &request,
-            &self.target.uri,
+            &self.target,
             self.hop_limit,
             None,
             body,

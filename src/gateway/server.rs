@@ -20,7 +20,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::dedup::{Dedup, Seen, EXCHANGE_LIFETIME};
+use super::deadlines::Deadlines;
+use super::dedup::{Dedup, Seen, Ticket, EXCHANGE_LIFETIME};
 use super::mmsg::{send_batch_to, RecvBatch};
 use super::reply::{refusal_response, relay_response, reset, ReplyTo};
 use super::target::Refusal;
@@ -120,6 +121,11 @@ async fn serve(
     let next_mid = Arc::new(AtomicU16::new(u16::from_be_bytes(random_bytes::<2>())));
     let pending: Pending = Arc::default();
     let outbox = Arc::new(Outbox::default());
+    // One sweeper for every request's "answer separately after SEPARATE_AFTER" (no timer
+    // per request); it ends after the listener stopped and the last deadline fired.
+    let separate_after = Deadlines::new(SEPARATE_AFTER);
+    tokio::spawn(Arc::clone(&separate_after).sweep());
+    let _stop_sweeper = StopOnDrop(Arc::clone(&separate_after));
     tokio::spawn(send_answers(
         Arc::clone(&socket),
         Arc::clone(&outbox),
@@ -148,6 +154,9 @@ async fn serve(
                 }
             },
         };
+        // One clock reading per batch: the arrival time for deduplication and the
+        // separate-response deadline of every request in it.
+        let now = Instant::now().into_std();
         for i in 0..received {
             let (data, peer) = batch.get(i);
             let Some(peer) = peer else { continue };
@@ -177,15 +186,15 @@ async fn serve(
                 }
                 _ => continue, // a NON that is not a request: nothing to do
             }
-            let seen = lock(&dedup).check(peer, msg.message_id, Instant::now().into_std());
-            match seen {
-                Seen::New => {}
+            let seen = lock(&dedup).check(peer, msg.message_id, now);
+            let ticket = match seen {
+                Seen::New(ticket) => ticket,
                 Seen::InFlight => continue,
                 Seen::Answered(response) => {
                     let _ = socket.send_to(&response, peer).await;
                     continue;
                 }
-            }
+            };
             let gateway = Arc::clone(&gateway);
             let socket = Arc::clone(&socket);
             let dedup = Arc::clone(&dedup);
@@ -193,6 +202,10 @@ async fn serve(
             let next_mid = Arc::clone(&next_mid);
             let guard = inflight.clone();
             let outbox = Arc::clone(&outbox);
+            // §5.2.2: a CON not answered by then is acknowledged first (registered here, in
+            // arrival order).
+            let separate_wait =
+                (msg.mtype == MessageType::Confirmable).then(|| separate_after.wait_from(now));
             let fut = async move {
                 let guard = guard;
                 let Ok(request) = MessageView::parse(&datagram) else {
@@ -218,15 +231,16 @@ async fn serve(
                 };
                 tokio::pin!(work);
                 let mut separate = false;
-                let result = if request.mtype == MessageType::Confirmable {
+                let result = if let Some(separate_wait) = separate_wait {
                     tokio::select! {
+                        biased;
                         r = &mut work => r,
-                        _ = tokio::time::sleep(SEPARATE_AFTER) => {
+                        _ = separate_wait => {
                             // §5.2.2: empty ACK now; retransmissions of the CON get it again.
                             let mut ack = Vec::with_capacity(4);
                             empty_ack(request.message_id, &mut ack);
                             let _ = socket.send_to(&ack, peer).await;
-                            lock(&dedup).answered(peer, request.message_id, ack);
+                            lock(&dedup).answered(ticket, ack);
                             separate = true;
                             work.await
                         }
@@ -244,7 +258,7 @@ async fn serve(
                     outbox.push(Answer {
                         datagram: out,
                         peer,
-                        mid: request.message_id,
+                        ticket,
                         _guard: guard,
                     });
                 }
@@ -260,8 +274,8 @@ async fn serve(
 struct Answer {
     datagram: Vec<u8>,
     peer: SocketAddr,
-    /// The request's Message ID (for deduplication of its retransmissions).
-    mid: u16,
+    /// The request's deduplication entry (for retransmissions of the request).
+    ticket: Ticket,
     /// The request counts as in flight until its answer has left.
     _guard: mpsc::Sender<()>,
 }
@@ -314,13 +328,23 @@ async fn send_answers(socket: Arc<UdpSocket>, outbox: Arc<Outbox>, dedup: Arc<Mu
         {
             let mut d = lock(&dedup);
             for a in batch.drain(..) {
-                d.answered(a.peer, a.mid, a.datagram);
+                d.answered(a.ticket, a.datagram);
             }
         }
         // The listener stopped and no request task is left to queue an answer.
         if Arc::strong_count(&outbox) == 1 && lock(&outbox.queue).is_empty() {
             return;
         }
+    }
+}
+
+/// Tells the separate-response sweeper that no more requests come when the listener loop
+/// ends.
+struct StopOnDrop(Arc<Deadlines>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 

@@ -7,6 +7,7 @@ use crate::coap::option::{decode_uint, encode_uint};
 use crate::coap::uri::default_port;
 use crate::coap::{number, CoapUri, Code, MessageBuilder, MessageType, MessageView};
 use crate::config::Route;
+use std::net::IpAddr;
 
 /// A request the gateway answers itself, with a diagnostic payload (RFC 7252 §5.5.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +40,9 @@ pub struct Target {
     /// In aiocoap's matching form: the port only when it is not the scheme's default.
     pub uri: CoapUri,
     pub kind: TargetKind,
+    /// The host when it is an IP literal (parsed once here: the upstream request leaves
+    /// out Uri-Host for it, RFC 7252 §6.4 step 5, and it needs no name resolution).
+    pub ip: Option<IpAddr>,
 }
 
 /// Options that name the target and are replaced by the upstream request's own (RFC 7252
@@ -65,11 +69,13 @@ fn utf8<'a>(v: &'a [u8], what: &str) -> Result<&'a str, Refusal> {
 /// Finds the target of `request`: Proxy-Uri, Proxy-Scheme + Uri-*, or the first route that
 /// matches; the default port is dropped so the URI is in aiocoap's matching form.
 pub fn resolve_target(request: &MessageView<'_>, routes: &[Route]) -> Result<Target, Refusal> {
-    let proxy_uri = request.option(number::PROXY_URI);
-    let proxy_scheme = request.option(number::PROXY_SCHEME);
+    // One walk over the options (each `option()` lookup would be another).
+    let mut proxy_uri = None;
+    let mut proxy_scheme = None;
     let mut host = None;
     let mut port = None;
-    let mut path = Vec::new();
+    // Sized for the usual few segments (skips the first-push growth path).
+    let mut path = Vec::with_capacity(4);
     let mut query = Vec::new();
     for o in request.options() {
         match o.number {
@@ -82,6 +88,9 @@ pub fn resolve_target(request: &MessageView<'_>, routes: &[Route]) -> Result<Tar
             }
             number::URI_PATH => path.push(utf8(o.value, "Uri-Path")?.to_string()),
             number::URI_QUERY => query.push(utf8(o.value, "Uri-Query")?.to_string()),
+            // the first of each, as `option()` would give (they are not repeatable)
+            number::PROXY_URI if proxy_uri.is_none() => proxy_uri = Some(o.value),
+            number::PROXY_SCHEME if proxy_scheme.is_none() => proxy_scheme = Some(o.value),
             _ => {}
         }
     }
@@ -153,9 +162,11 @@ pub fn resolve_target(request: &MessageView<'_>, routes: &[Route]) -> Result<Tar
     if uri.0.port == Some(default_port(&uri.0.scheme)) {
         uri.0.port = None;
     }
+    let ip = uri.0.host.parse::<IpAddr>().ok();
     Ok(Target {
         uri: uri.0,
         kind: uri.1,
+        ip,
     })
 }
 
@@ -198,7 +209,7 @@ pub fn forwarded_hop_limit(request: &MessageView<'_>, initial: u8) -> Result<u8,
 /// and the client's payload.
 pub fn build_upstream_request(
     request: &MessageView<'_>,
-    target: &CoapUri,
+    target: &Target,
     hop_limit: u8,
     echo: Option<&[u8]>,
     mid: u16,
@@ -225,7 +236,7 @@ pub struct UpstreamBody<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn build_upstream_request_with(
     request: &MessageView<'_>,
-    target: &CoapUri,
+    target: &Target,
     hop_limit: u8,
     echo: Option<&[u8]>,
     upstream: UpstreamBody<'_>,
@@ -236,7 +247,8 @@ pub fn build_upstream_request_with(
     let mut hop = [0u8; 8];
     let hop = encode_uint(u64::from(hop_limit), &mut hop);
     let mut opts: Vec<(u16, &[u8])> = Vec::with_capacity(12);
-    if !target.host_is_ip_literal() {
+    let (ip, target) = (target.ip, &target.uri);
+    if ip.is_none() {
         opts.push((number::URI_HOST, target.host.as_bytes()));
     }
     opts.extend(target.path.iter().map(|s| (number::URI_PATH, s.as_bytes())));
@@ -401,7 +413,7 @@ mod tests {
         let view = MessageView::parse(&m).unwrap();
         let t = resolve_target(&view, &[]).unwrap();
         let mut out = Vec::new();
-        build_upstream_request(&view, &t.uri, 8, Some(b"echo"), 99, &[4, 4], &mut out).unwrap();
+        build_upstream_request(&view, &t, 8, Some(b"echo"), 99, &[4, 4], &mut out).unwrap();
         let up = MessageView::parse(&out).unwrap();
         assert_eq!(up.message_id, 99);
         assert_eq!(up.token, &[4, 4]);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::coap::{Code, MessageBuilder, MessageType, MessageView};
+use crate::coap::{Code, MessageBuilder, MessageType, MessageView, Token};
 use crate::gateway::FastMap;
 
 /// CON responses whose Message ID is remembered, so that a retransmission (our ACK was lost)
@@ -81,9 +81,9 @@ pub enum Event {
     /// Send this datagram to the origin.
     Transmit(Vec<u8>),
     /// The response (piggybacked or separate) to the exchange with this token.
-    Response { token: Vec<u8>, datagram: Vec<u8> },
+    Response { token: Token, datagram: Vec<u8> },
     /// The exchange with this token ended without a response.
-    Failed { token: Vec<u8>, error: LinkError },
+    Failed { token: Token, error: LinkError },
 }
 
 #[derive(Debug)]
@@ -107,7 +107,7 @@ struct Exchange {
 
 #[derive(Debug)]
 struct Queued {
-    token: Vec<u8>,
+    token: Token,
     datagram: Vec<u8>,
     random: f64,
 }
@@ -117,8 +117,8 @@ struct Queued {
 pub struct OriginLink {
     params: LinkParams,
     next_mid: u16,
-    active: FastMap<Vec<u8>, Exchange>,
-    by_mid: FastMap<u16, Vec<u8>>,
+    active: FastMap<Token, Exchange>,
+    by_mid: FastMap<u16, Token>,
     queue: VecDeque<Queued>,
     recent_acked: VecDeque<(u16, Instant)>,
     events: VecDeque<Event>,
@@ -167,7 +167,7 @@ impl OriginLink {
     }
 
     /// Removes the exchange with `token` from `active` (and its Message ID).
-    fn remove_active(&mut self, token: &[u8]) {
+    fn remove_active(&mut self, token: &Token) {
         if let Some(e) = self.active.remove(token) {
             self.by_mid.remove(&e.mid);
             if matches!(e.state, State::AwaitingAck { .. }) {
@@ -179,18 +179,20 @@ impl OriginLink {
     /// Sends the CON request `datagram` (its Message ID is replaced by one of this leg; its
     /// token must be unique among this link's exchanges) now or, when NSTART interactions
     /// are outstanding, as soon as one ends. `random` in [0, 1] picks the initial timeout
-    /// in [ACK_TIMEOUT, ACK_TIMEOUT * ACK_RANDOM_FACTOR] (§4.2).
+    /// in [ACK_TIMEOUT, ACK_TIMEOUT * ACK_RANDOM_FACTOR] (§4.2). Returns the request's
+    /// token, which names the exchange in the `Event`s.
     pub fn submit(
         &mut self,
         now: Instant,
         datagram: Vec<u8>,
         random: f64,
-    ) -> Result<(), LinkError> {
+    ) -> Result<Token, LinkError> {
         let view = MessageView::parse(&datagram).map_err(|_| LinkError::NotARequest)?;
         if view.mtype != MessageType::Confirmable || !view.code.is_request() {
             return Err(LinkError::NotARequest);
         }
-        let token = view.token.to_vec();
+        // A parsed message's token is at most 8 bytes (§3).
+        let token = Token::new(view.token).ok_or(LinkError::NotARequest)?;
         if self.active.contains_key(&token) || self.queue.iter().any(|q| q.token == token) {
             return Err(LinkError::TokenInUse);
         }
@@ -203,12 +205,12 @@ impl OriginLink {
             random,
         });
         self.start_queued(now);
-        Ok(())
+        Ok(token)
     }
 
     /// Forgets the exchange with `token` (its requester gave up); frees its NSTART slot.
-    pub fn cancel(&mut self, now: Instant, token: &[u8]) {
-        self.queue.retain(|q| q.token != token);
+    pub fn cancel(&mut self, now: Instant, token: &Token) {
+        self.queue.retain(|q| q.token != *token);
         self.remove_active(token);
         self.start_queued(now);
     }
@@ -231,7 +233,7 @@ impl OriginLink {
                 .ack_timeout
                 .mul_f64(1.0 + q.random.clamp(0.0, 1.0) * (self.params.ack_random_factor - 1.0));
             self.events.push_back(Event::Transmit(datagram.clone()));
-            self.by_mid.insert(mid, q.token.clone());
+            self.by_mid.insert(mid, q.token);
             self.outstanding += 1;
             self.active.insert(
                 q.token,
@@ -259,7 +261,7 @@ impl OriginLink {
         }
     }
 
-    fn finish(&mut self, now: Instant, token: &[u8], event: Event) {
+    fn finish(&mut self, now: Instant, token: &Token, event: Event) {
         self.remove_active(token);
         self.events.push_back(event);
         self.start_queued(now);
@@ -272,19 +274,19 @@ impl OriginLink {
         };
         match msg.mtype {
             MessageType::Reset => {
-                if let Some(token) = self.by_mid.get(&msg.message_id).cloned() {
+                if let Some(token) = self.by_mid.get(&msg.message_id).copied() {
                     self.finish(
                         now,
                         &token,
                         Event::Failed {
-                            token: token.clone(),
+                            token,
                             error: LinkError::Reset,
                         },
                     );
                 }
             }
             MessageType::Acknowledgement => {
-                let Some(token) = self.by_mid.get(&msg.message_id).cloned() else {
+                let Some(token) = self.by_mid.get(&msg.message_id).copied() else {
                     return; // a duplicate or late ACK
                 };
                 if msg.code.is_empty() {
@@ -303,7 +305,7 @@ impl OriginLink {
                         now,
                         &token,
                         Event::Response {
-                            token: token.clone(),
+                            token,
                             datagram: datagram.to_vec(),
                         },
                     );
@@ -311,20 +313,21 @@ impl OriginLink {
             }
             MessageType::Confirmable | MessageType::NonConfirmable => {
                 let con = msg.mtype == MessageType::Confirmable;
-                let known = msg.code.is_response() && self.active.contains_key(msg.token);
-                if known {
+                // A parsed message's token is at most 8 bytes (§3), so `Token::new` is Some.
+                let token = Token::new(msg.token)
+                    .filter(|t| msg.code.is_response() && self.active.contains_key(t));
+                if let Some(token) = token {
                     if con {
                         self.send_empty(MessageType::Acknowledgement, msg.message_id);
                         self.remember_acked(now, msg.message_id);
                     }
                     // A separate response also acknowledges the request (§5.2.2: the
                     // empty ACK may have been lost).
-                    let token = msg.token.to_vec();
                     self.finish(
                         now,
                         &token,
                         Event::Response {
-                            token: token.clone(),
+                            token,
                             datagram: datagram.to_vec(),
                         },
                     );
@@ -384,7 +387,7 @@ impl OriginLink {
                 } if *next_at <= now => {
                     if *attempts > max {
                         failed.push((
-                            token.clone(),
+                            *token,
                             LinkError::Timeout {
                                 attempts: *attempts,
                             },
@@ -399,7 +402,7 @@ impl OriginLink {
                 }
                 State::AwaitingSeparate { deadline } if *deadline <= now => {
                     failed.push((
-                        token.clone(),
+                        *token,
                         LinkError::SeparateTimeout(self.params.separate_response_timeout),
                     ));
                 }
@@ -407,14 +410,7 @@ impl OriginLink {
             }
         }
         for (token, error) in failed {
-            self.finish(
-                now,
-                &token,
-                Event::Failed {
-                    token: token.clone(),
-                    error,
-                },
-            );
+            self.finish(now, &token, Event::Failed { token, error });
         }
         self.expire_acked(now);
     }
@@ -473,6 +469,41 @@ mod tests {
     }
 
     #[test]
+    fn tokens_differing_only_in_a_trailing_zero_are_different_exchanges() {
+        let t0 = Instant::now();
+        let mut l = OriginLink::new(params(2), 0);
+        assert_eq!(l.submit(t0, con(b"a"), 0.0), Ok(Token::new(b"a").unwrap()));
+        assert_eq!(
+            l.submit(t0, con(b"a\0"), 0.0),
+            Ok(Token::new(b"a\0").unwrap())
+        );
+        assert_eq!(l.submit(t0, con(b""), 0.0), Ok(Token::new(b"").unwrap()));
+        let ev = events(&mut l);
+        let mids: Vec<u16> = ev
+            .iter()
+            .map(|e| match e {
+                Event::Transmit(d) => mid_of(d),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(mids, [1, 2]); // NSTART 2: the empty token waits
+                                  // the response to "a\0" (MID 2) ends that exchange only
+        l.handle_datagram(
+            t0,
+            &response(MessageType::Acknowledgement, 2, b"a\0", Code::CONTENT),
+        );
+        let ev = events(&mut l);
+        assert!(
+            matches!(
+                &ev[..],
+                [Event::Response { token, .. }, Event::Transmit(_)] if *token == Token::new(b"a\0").unwrap()
+            ),
+            "{ev:?}"
+        );
+        assert_eq!(l.len(), 2);
+    }
+
+    #[test]
     fn retransmits_same_message_id_with_doubling_timeout_then_fails() {
         let t0 = Instant::now();
         let mut l = OriginLink::new(params(1), 100);
@@ -501,7 +532,7 @@ mod tests {
         assert_eq!(
             events(&mut l),
             vec![Event::Failed {
-                token: b"t1".to_vec(),
+                token: Token::new(b"t1").unwrap(),
                 error: LinkError::Timeout { attempts: 5 }
             }]
         );
@@ -525,7 +556,7 @@ mod tests {
         assert_eq!(
             events(&mut l),
             vec![Event::Response {
-                token: b"aa".to_vec(),
+                token: Token::new(b"aa").unwrap(),
                 datagram: r.clone()
             }]
         );
@@ -572,7 +603,7 @@ mod tests {
             vec![
                 Event::Transmit(empty_ack.clone()),
                 Event::Response {
-                    token: b"s".to_vec(),
+                    token: Token::new(b"s").unwrap(),
                     datagram: sep.clone()
                 }
             ]
@@ -630,7 +661,7 @@ mod tests {
         let ev = events(&mut l);
         assert!(matches!(&ev[..], [Event::Response { .. }, Event::Transmit(d)] if mid_of(d) == 2));
         // cancel the outstanding one: the next starts
-        l.cancel(t0, b"2");
+        l.cancel(t0, &Token::new(b"2").unwrap());
         let ev = events(&mut l);
         assert!(
             matches!(&ev[..], [Event::Transmit(d)] if mid_of(d) == 3),
@@ -670,7 +701,7 @@ mod tests {
         assert_eq!(
             events(&mut l),
             vec![Event::Failed {
-                token: b"r".to_vec(),
+                token: Token::new(b"r").unwrap(),
                 error: LinkError::Reset
             }]
         );

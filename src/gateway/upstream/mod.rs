@@ -28,6 +28,7 @@ use super::busy_poll::Activity;
 use super::mmsg::{send_batch, RecvBatch, SEND_BATCH};
 use super::FastMap;
 use crate::client::transport::random_bytes;
+use crate::coap::Token;
 pub use link::{Event, LinkError, LinkParams, OriginLink};
 
 /// Origins with an open link at once, at most.
@@ -198,16 +199,13 @@ fn random_unit() -> f64 {
 /// Hands one request to the link; its requester is answered when the link says so.
 fn submit(
     link: &mut OriginLink,
-    waiting: &mut FastMap<Vec<u8>, oneshot::Sender<Reply>>,
+    waiting: &mut FastMap<Token, oneshot::Sender<Reply>>,
     peer: SocketAddr,
     now: std::time::Instant,
     Submit { datagram, reply }: Submit,
 ) {
-    let token = crate::coap::MessageView::parse(&datagram)
-        .map(|v| v.token.to_vec())
-        .unwrap_or_default();
     match link.submit(now, datagram, random_unit()) {
-        Ok(()) => {
+        Ok(token) => {
             waiting.insert(token, reply);
         }
         Err(source) => {
@@ -227,7 +225,7 @@ async fn drive(
     me: mpsc::WeakSender<Submit>,
     activity: Option<Arc<Activity>>,
 ) {
-    let mut waiting: FastMap<Vec<u8>, oneshot::Sender<Reply>> = FastMap::default();
+    let mut waiting: FastMap<Token, oneshot::Sender<Reply>> = FastMap::default();
     let mut batch = RecvBatch::new(LINK_RECV_BATCH);
     let mut outgoing: Vec<Vec<u8>> = Vec::with_capacity(SEND_BATCH);
     let fd = socket.as_raw_fd();
@@ -271,10 +269,10 @@ async fn drive(
             _ = &mut sleep => {
                 let now = Instant::now().into_std();
                 // requesters that gave up (e.g. the gateway's upstream timeout)
-                let gone: Vec<Vec<u8>> = waiting
+                let gone: Vec<Token> = waiting
                     .iter()
                     .filter(|(_, tx)| tx.is_closed())
-                    .map(|(t, _)| t.clone())
+                    .map(|(t, _)| *t)
                     .collect();
                 for t in gone {
                     waiting.remove(&t);
