@@ -134,11 +134,12 @@ impl Gateway {
         let uploads = Mutex::new(Block1Reassembly::new(config.blockwise));
         let start = u32::from_be_bytes(crate::client::transport::random_bytes::<4>());
         let activity = (!config.busy_poll.is_zero()).then(busy_poll::Activity::new);
+        let credential_cache = contexts::CredentialCache::for_map(credentials.as_ref());
         Ok(Self {
             uploads,
             tags: RequestTags::new(start),
             credentials,
-            credential_cache: contexts::CredentialCache::new(contexts::CREDENTIAL_CACHE),
+            credential_cache,
             contexts,
             server,
             upstream: upstream::Upstream::new(link_params).with_activity(activity.clone()),
