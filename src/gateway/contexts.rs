@@ -60,6 +60,9 @@ fn entry_index(entries: &[Entry], e: &Entry) -> Option<usize> {
     (offset % size == 0 && i < entries.len()).then_some(i)
 }
 
+/// A credential with its entry's position in `CredentialsMap::entries` (None: not known).
+pub type IndexedCredential<'m> = (Option<usize>, &'m Entry, &'m OscoreCredential);
+
 /// Target URIs remembered by `CredentialCache`, at most (`CredentialCache::for_map` sizes
 /// it to twice the map's entries when that is more, so that a target set the map was
 /// written for fits).
@@ -135,6 +138,15 @@ impl CredentialCache {
         map: &'m CredentialsMap,
         uri: &CoapUri,
     ) -> Result<Option<(&'m Entry, &'m OscoreCredential)>, CredentialsError> {
+        Ok(self.find_indexed(map, uri)?.map(|(_, e, o)| (e, o)))
+    }
+
+    /// `find`, with the entry's position in `map.entries()` (for per-entry state).
+    pub fn find_indexed<'m>(
+        &self,
+        map: &'m CredentialsMap,
+        uri: &CoapUri,
+    ) -> Result<Option<IndexedCredential<'m>>, CredentialsError> {
         let lock = || {
             self.known
                 .lock()
@@ -148,7 +160,7 @@ impl CredentialCache {
                     credential: Credential::Oscore(o),
                     ..
                 },
-            ) => Some((e, o)),
+            ) => Some((Some(i), e, o)),
             _ => None,
         };
         match cached {
@@ -165,7 +177,8 @@ impl CredentialCache {
             None => None,
             Some((e, _)) => match entry_index(map.entries(), e) {
                 Some(i) => Some(i),
-                None => return Ok(found), // not an entry of `map`'s list: not cached
+                // not an entry of `map`'s list (cannot happen): answered, not cached
+                None => return Ok(found.map(|(e, o)| (None, e, o))),
             },
         };
         let mut known = lock();
@@ -175,7 +188,7 @@ impl CredentialCache {
         if known.find(hash, |(u, _)| u == uri).is_none() {
             known.insert_unique(hash, (uri.clone(), index), |(u, _)| self.hash(u));
         }
-        Ok(found)
+        Ok(found.map(|(e, o)| (index, e, o)))
     }
 
     pub fn len(&self) -> usize {

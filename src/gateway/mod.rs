@@ -78,6 +78,11 @@ pub struct Gateway {
     credentials: Option<CredentialsMap>,
     /// `find_credential` answers by target URI (`credentials` never changes).
     credential_cache: contexts::CredentialCache,
+    /// The opened context of each credentials entry (by its position in the map), once
+    /// used: a request after the first takes it from here instead of finding the
+    /// directory's slot in `contexts` (with 10 000 contexts that lookup was the gateway's
+    /// largest cost). A context found closed is fetched from `contexts` again.
+    entry_contexts: Vec<std::sync::Mutex<Option<Arc<OscoreProtection>>>>,
     contexts: ContextCache,
     /// Server-side contexts (`:label` entries), opened at load (issue 4).
     server: ServerContexts,
@@ -135,11 +140,15 @@ impl Gateway {
         let start = u32::from_be_bytes(crate::client::transport::random_bytes::<4>());
         let activity = (!config.busy_poll.is_zero()).then(busy_poll::Activity::new);
         let credential_cache = contexts::CredentialCache::for_map(credentials.as_ref());
+        let entry_contexts = (0..credentials.as_ref().map_or(0, |m| m.entries().len()))
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
         Ok(Self {
             uploads,
             tags: RequestTags::new(start),
             credentials,
             credential_cache,
+            entry_contexts,
             contexts,
             server,
             upstream: upstream::Upstream::new(link_params).with_activity(activity.clone()),
@@ -387,15 +396,25 @@ impl Gateway {
         };
         // Formatted only for a diagnostic, not on the way of every request.
         let uri = || target.uri.matching_uri();
-        let credential = self.credential_cache.find(map, &target.uri).map_err(|e| {
-            Refusal::new(
-                Code::SERVICE_UNAVAILABLE,
-                format!("credential for {}: {e}", uri()),
-            )
-        })?;
-        let Some((entry, cred)) = credential else {
+        let credential = self
+            .credential_cache
+            .find_indexed(map, &target.uri)
+            .map_err(|e| {
+                Refusal::new(
+                    Code::SERVICE_UNAVAILABLE,
+                    format!("credential for {}: {e}", uri()),
+                )
+            })?;
+        let Some((index, entry, cred)) = credential else {
             return Ok(None);
         };
+        let memo = index.and_then(|i| self.entry_contexts.get(i));
+        if let Some(memo) = memo {
+            let known = lock(memo);
+            if let Some(p) = known.as_ref().filter(|p| !p.persister().is_closed()) {
+                return Ok(Some(Arc::clone(p)));
+            }
+        }
         let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
             tracing::warn!("{}: credential {:?}: {e}", uri(), entry.key);
             Refusal::new(
@@ -403,6 +422,9 @@ impl Gateway {
                 format!("OSCORE context for {} cannot be used: {e}", uri()),
             )
         })?;
+        if let Some(memo) = memo {
+            *lock(memo) = Some(Arc::clone(&protection));
+        }
         Ok(Some(protection))
     }
 }
