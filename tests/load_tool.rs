@@ -468,6 +468,32 @@ fn spread_uses_every_context() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("{i}"));
 }
 
+/// `load --serve` with `creds` on 127.0.0.1:`port`, notifying every 100 ms; returns once
+/// the port is bound (stdout piped for its exit summary).
+fn start_observable_serve(creds: &Path, port: u16) -> Child {
+    let o = Command::new(BIN)
+        .args([
+            "load",
+            "--serve",
+            &format!("127.0.0.1:{port}"),
+            "--credentials",
+            creds.to_str().unwrap(),
+            "--notify-ms",
+            "100",
+            "--max-seconds",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < end, "origin did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    o
+}
+
 /// `--observe 20` through the gateway to an OSCORE `--serve` origin: every relation is
 /// registered, gets notifications and is deregistered; the origin then holds none.
 #[test]
@@ -484,26 +510,7 @@ fn observe_through_gateway_to_serve() {
         r#"{"next-to-send": 50, "received": "unknown"}"#,
     )
     .unwrap();
-    let o = Command::new(BIN)
-        .args([
-            "load",
-            "--serve",
-            &format!("127.0.0.1:{origin}"),
-            "--credentials",
-            srv_creds.to_str().unwrap(),
-            "--notify-ms",
-            "100",
-            "--max-seconds",
-            "60",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while UdpSocket::bind(("127.0.0.1", origin)).is_ok() {
-        assert!(Instant::now() < end, "origin did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let o = start_observable_serve(&srv_creds, origin);
     let g = start_gateway(&config, Some(&gw_creds), gw_port);
     let proxy = format!("coap://127.0.0.1:{gw_port}");
     let target = format!("coap://127.0.0.1:{origin}/obs");
@@ -550,26 +557,7 @@ fn observe_report_names_the_refusal_and_its_diagnostic() {
     let gw_port = free_port();
     let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
     let config = oscore_gateway_config(tmp.path(), gw_port, "[observe]\nmax_relations = 2\n");
-    let o = Command::new(BIN)
-        .args([
-            "load",
-            "--serve",
-            &format!("127.0.0.1:{origin}"),
-            "--credentials",
-            srv_creds.to_str().unwrap(),
-            "--notify-ms",
-            "100",
-            "--max-seconds",
-            "60",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while UdpSocket::bind(("127.0.0.1", origin)).is_ok() {
-        assert!(Instant::now() < end, "origin did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let o = start_observable_serve(&srv_creds, origin);
     let g = start_gateway(&config, Some(&gw_creds), gw_port);
     let out = Command::new(BIN)
         .args([
