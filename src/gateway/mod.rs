@@ -82,7 +82,7 @@ pub struct Gateway {
     /// used: a request after the first takes it from here instead of finding the
     /// directory's slot in `contexts` (with 10 000 contexts that lookup was the gateway's
     /// largest cost). A context found closed is fetched from `contexts` again.
-    entry_contexts: Vec<std::sync::Mutex<Option<Arc<OscoreProtection>>>>,
+    entry_contexts: Vec<Mutex<Option<Arc<OscoreProtection>>>>,
     contexts: ContextCache,
     /// Server-side contexts (`:label` entries), opened at load (issue 4).
     server: ServerContexts,
@@ -141,7 +141,7 @@ impl Gateway {
         let activity = (!config.busy_poll.is_zero()).then(busy_poll::Activity::new);
         let credential_cache = contexts::CredentialCache::for_map(credentials.as_ref());
         let entry_contexts = (0..credentials.as_ref().map_or(0, |m| m.entries().len()))
-            .map(|_| std::sync::Mutex::new(None))
+            .map(|_| Mutex::new(None))
             .collect();
         Ok(Self {
             uploads,
