@@ -13,7 +13,7 @@
 //! coalesced) as one buffer, which `RecvBatch` splits back at the segment size the kernel
 //! reports. If the kernel or the route refuses a segmented send (old kernel, a device
 //! without checksum offload, IPsec), the process falls back to one message per datagram
-//! for good (`gso_in_use`).
+//! for good (`GSO_REFUSED`).
 //!
 //! Hand-written over `libc` because neither tokio nor socket2 (0.6) offers `recvmmsg` or
 //! `sendmmsg`; quinn-udp has GSO/GRO but is built for QUIC: it sets the don't-fragment bit
@@ -42,15 +42,12 @@ const GSO_MAX_SEGMENTS: usize = 64;
 /// Datagrams longer than this are sent one message each: a segment must fit the path MTU
 /// (1280 − 40 − 8, IPv6's minimum), or the kernel refuses the whole run.
 const GSO_MAX_SEGMENT_LEN: usize = 1232;
+/// The bytes of one segmented send at most: the largest UDP payload (IPv4: 65 535 − 8 − 20).
+const GSO_MAX_TOTAL: usize = 65_507;
 
 /// Set once a segmented send has been refused (old kernel, no checksum offload on the
 /// route's device, IPsec): from then on every datagram is its own message.
 static GSO_REFUSED: AtomicBool = AtomicBool::new(false);
-
-/// Whether sends still group runs of equal datagrams into one segmented message.
-pub fn gso_in_use() -> bool {
-    !GSO_REFUSED.load(Ordering::Relaxed)
-}
 
 /// Asks the kernel to hand this socket runs of datagrams from one sender as one buffer
 /// (`UDP_GRO`, Linux ≥ 5.0); `RecvBatch` splits them. Returns whether the kernel accepted;
@@ -342,7 +339,7 @@ fn first_run_len(items: &[(&[u8], Option<SocketAddr>)], gso: bool) -> usize {
     let mut total = seg;
     while k < items.len() && k < GSO_MAX_SEGMENTS {
         let (d, t) = items[k];
-        if t != to || d.is_empty() || d.len() > seg || total + d.len() > 65_507 {
+        if t != to || d.is_empty() || d.len() > seg || total + d.len() > GSO_MAX_TOTAL {
             break;
         }
         k += 1;
