@@ -468,66 +468,122 @@ fn spread_uses_every_context() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("{i}"));
 }
 
-/// `load --serve` with `creds` on 127.0.0.1:`port`, notifying every 100 ms; returns once
-/// the port is bound (stdout piped for its exit summary).
-fn start_observable_serve(creds: &Path, port: u16) -> Child {
-    let o = Command::new(BIN)
-        .args([
-            "load",
-            "--serve",
-            &format!("127.0.0.1:{port}"),
-            "--credentials",
-            creds.to_str().unwrap(),
-            "--notify-ms",
-            "100",
-            "--max-seconds",
-            "60",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < end, "origin did not start");
-        std::thread::sleep(Duration::from_millis(20));
+/// An OSCORE `load --serve` origin (notifying every 100 ms) behind an OSCORE gateway with
+/// `[observe] max_relations`, for the `--observe` tests. `unknown_window`: the origin
+/// starts as after a crash (App. B.1.2), so its first answers are 4.01 + Echo.
+struct ObserveSetup {
+    _tmp: tempfile::TempDir,
+    origin: u16,
+    gw_port: u16,
+    serve: Option<Child>,
+    gateway: Option<Guard>,
+}
+
+impl ObserveSetup {
+    fn start(max_relations: u32, unknown_window: bool) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let origin = free_port();
+        let gw_port = free_port();
+        let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
+        let config = oscore_gateway_config(
+            tmp.path(),
+            gw_port,
+            &format!("[observe]\nmax_relations = {max_relations}\n"),
+        );
+        if unknown_window {
+            std::fs::write(
+                tmp.path().join("srv").join("c0").join("sequence.json"),
+                r#"{"next-to-send": 50, "received": "unknown"}"#,
+            )
+            .unwrap();
+        }
+        let serve = Command::new(BIN)
+            .args([
+                "load",
+                "--serve",
+                &format!("127.0.0.1:{origin}"),
+                "--credentials",
+                srv_creds.to_str().unwrap(),
+                "--notify-ms",
+                "100",
+                "--max-seconds",
+                "60",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while UdpSocket::bind(("127.0.0.1", origin)).is_ok() {
+            assert!(Instant::now() < end, "origin did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let gateway = start_gateway(&config, Some(&gw_creds), gw_port);
+        Self {
+            _tmp: tmp,
+            origin,
+            gw_port,
+            serve: Some(serve),
+            gateway: Some(gateway),
+        }
     }
-    o
+
+    /// `load --observe` arguments toward the origin's /obs through the gateway.
+    fn target_args(&self) -> [String; 4] {
+        [
+            format!("coap://127.0.0.1:{}/obs", self.origin),
+            "--proxy".into(),
+            format!("coap://127.0.0.1:{}", self.gw_port),
+            "--proxy-scheme".into(),
+        ]
+    }
+
+    /// `load --observe RELATIONS --window WINDOW --hold HOLD` through the gateway; its
+    /// JSON report (the run must succeed).
+    fn observe(&self, relations: &str, window: &str, hold: &str) -> Value {
+        let t = self.target_args();
+        run_load(&[
+            &t[0],
+            &t[1],
+            &t[2],
+            &t[3],
+            "--observe",
+            relations,
+            "--window",
+            window,
+            "--hold",
+            hold,
+        ])
+    }
+
+    /// Stops the gateway, then the origin (SIGTERM); the origin's exit summary (stdout).
+    fn stop(&mut self) -> String {
+        drop(self.gateway.take());
+        let Some(o) = self.serve.take() else {
+            return String::new();
+        };
+        sigterm(o.id());
+        String::from_utf8_lossy(&o.wait_with_output().unwrap().stdout).into_owned()
+    }
+}
+
+impl Drop for ObserveSetup {
+    fn drop(&mut self) {
+        if let Some(mut o) = self.serve.take() {
+            let _ = o.kill();
+            let _ = o.wait();
+        }
+    }
 }
 
 /// `--observe 20` through the gateway to an OSCORE `--serve` origin: every relation is
 /// registered, gets notifications and is deregistered; the origin then holds none.
 #[test]
 fn observe_through_gateway_to_serve() {
-    let tmp = tempfile::tempdir().unwrap();
-    let origin = free_port();
-    let gw_port = free_port();
-    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
-    let config = oscore_gateway_config(tmp.path(), gw_port, "[observe]\nmax_relations = 20\n");
-    // The origin restarts with an unknown replay window (App. B.1.2), so it answers the
-    // first requests on the context with 4.01 + Echo.
-    std::fs::write(
-        tmp.path().join("srv").join("c0").join("sequence.json"),
-        r#"{"next-to-send": 50, "received": "unknown"}"#,
-    )
-    .unwrap();
-    let o = start_observable_serve(&srv_creds, origin);
-    let g = start_gateway(&config, Some(&gw_creds), gw_port);
-    let proxy = format!("coap://127.0.0.1:{gw_port}");
-    let target = format!("coap://127.0.0.1:{origin}/obs");
-    // The registrations are the first requests the origin gets on the context: it answers
-    // them 4.01 + Echo and the gateway registers again with the Echo.
-    let r = run_load(&[
-        &target,
-        "--proxy",
-        &proxy,
-        "--proxy-scheme",
-        "--observe",
-        "20",
-        "--window",
-        "8",
-        "--hold",
-        "1.5",
-    ]);
+    // The origin restarts with an unknown replay window (App. B.1.2): the registrations
+    // are the first requests it gets on the context, it answers them 4.01 + Echo and the
+    // gateway registers again with the Echo.
+    let mut setup = ObserveSetup::start(20, true);
+    let r = setup.observe("20", "8", "1.5");
     assert_eq!(r["registered"], 20, "{r}");
     assert_eq!(r["relations_notified"], 20, "{r}");
     assert!(
@@ -538,10 +594,7 @@ fn observe_through_gateway_to_serve() {
     assert_eq!(r["deregistered"], 20, "{r}");
     assert_eq!(r["timeouts"], 0, "{r}");
     // A 21st relation beyond max_relations = 20 would be refused; 20 were held at once.
-    drop(g);
-    sigterm(o.id());
-    let out = o.wait_with_output().unwrap();
-    let summary = String::from_utf8_lossy(&out.stdout);
+    let summary = setup.stop();
     assert!(
         summary.contains("observe relations open at exit 0, registered 20, deregistered 20"),
         "{summary}"
@@ -552,20 +605,12 @@ fn observe_through_gateway_to_serve() {
 /// with 5.03, and the report says why with the first diagnostic payload of that code.
 #[test]
 fn observe_report_names_the_refusal_and_its_diagnostic() {
-    let tmp = tempfile::tempdir().unwrap();
-    let origin = free_port();
-    let gw_port = free_port();
-    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
-    let config = oscore_gateway_config(tmp.path(), gw_port, "[observe]\nmax_relations = 2\n");
-    let o = start_observable_serve(&srv_creds, origin);
-    let g = start_gateway(&config, Some(&gw_creds), gw_port);
+    let mut setup = ObserveSetup::start(2, false);
+    let t = setup.target_args();
     let out = Command::new(BIN)
+        .arg("load")
+        .args(&t)
         .args([
-            "load",
-            &format!("coap://127.0.0.1:{origin}/obs"),
-            "--proxy",
-            &format!("coap://127.0.0.1:{gw_port}"),
-            "--proxy-scheme",
             "--observe",
             "4",
             "--window",
@@ -586,9 +631,7 @@ fn observe_report_names_the_refusal_and_its_diagnostic() {
         .as_str()
         .unwrap_or_default();
     assert!(diag.contains("observe.max_relations"), "{r}");
-    drop(g);
-    sigterm(o.id());
-    let _ = o.wait_with_output();
+    setup.stop();
 }
 
 /// 200 registrations through the gateway, 64 at once, each on its own upstream socket:
@@ -597,28 +640,9 @@ fn observe_report_names_the_refusal_and_its_diagnostic() {
 /// before protecting, a few were refused with "Replay detected" and the client got 5.02).
 #[test]
 fn concurrent_observe_registrations_keep_sequence_order() {
-    let tmp = tempfile::tempdir().unwrap();
-    let origin = free_port();
-    let gw_port = free_port();
-    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 1, origin, true);
-    let config = oscore_gateway_config(tmp.path(), gw_port, "[observe]\nmax_relations = 200\n");
-    let o = start_observable_serve(&srv_creds, origin);
-    let g = start_gateway(&config, Some(&gw_creds), gw_port);
-    let r = run_load(&[
-        &format!("coap://127.0.0.1:{origin}/obs"),
-        "--proxy",
-        &format!("coap://127.0.0.1:{gw_port}"),
-        "--proxy-scheme",
-        "--observe",
-        "200",
-        "--window",
-        "64",
-        "--hold",
-        "0.3",
-    ]);
+    let mut setup = ObserveSetup::start(200, false);
+    let r = setup.observe("200", "64", "0.3");
     assert_eq!(r["registered"], 200, "{r}");
     assert_eq!(r["registration_failures"], 0, "{r}");
-    drop(g);
-    sigterm(o.id());
-    let _ = o.wait_with_output();
+    setup.stop();
 }

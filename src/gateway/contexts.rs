@@ -38,7 +38,7 @@ pub fn find_credential<'m>(
 }
 
 /// `find_credential`'s answers, remembered by target URI (the same few targets are asked
-/// for again and again). A lookup formats the URI and matches it against every pattern
+/// for again and again). A lookup formats the URI and looks it up in the pattern index
 /// (~1 000 instructions per request); a hit here is one SipHash of the URI. The URIs come
 /// from clients, so the table keeps std's randomly keyed SipHash and is bounded: when full
 /// it is emptied (a client cycling through many URIs costs each of its requests one full
