@@ -27,7 +27,8 @@ use std::time::Instant;
 
 use super::lock::ContextLock;
 use super::sequence_file::{
-    write_sequence_file, write_sequence_files, Received, SequenceFileError, SequenceState,
+    swap_in_sequence_file, write_sequence_file, write_sequence_files, Received, SequenceFileError,
+    SequenceState,
 };
 use crate::oscore::sequence::MAX_SENDER_SEQUENCE_NUMBER;
 use crate::oscore::{ReplayWindow, SenderSequence};
@@ -248,14 +249,19 @@ impl Shared {
         true
     }
 
-    /// One durable write, counted and timed.
+    /// One durable write, counted and timed. While the context is open the write goes
+    /// through the directory's spare; the write at close removes the spare again.
     pub(crate) fn write(
         &self,
         state: SequenceState,
-        reason: &'static str,
+        reason: WriteReason,
     ) -> Result<(), SequenceFileError> {
         let started = Instant::now();
-        let result = write_sequence_file(&self.dir, &state);
+        let result = match reason {
+            WriteReason::Open => swap_in_sequence_file(&self.dir, &state),
+            WriteReason::Close => write_sequence_file(&self.dir, &state),
+        };
+        let reason = reason.label();
         match &result {
             Ok(()) => {
                 metrics::counter!(METRIC_PERSIST_TOTAL, "reason" => reason).increment(1);
@@ -318,7 +324,7 @@ impl Shared {
                 next_to_send,
                 received,
             },
-            "close",
+            WriteReason::Close,
         );
         // Released even if the write failed: the file then still holds the last mark and
         // "unknown", which is safe for whoever opens the context next.
@@ -329,6 +335,23 @@ impl Shared {
         self.wake_all();
         written.map_err(CloseError::Write)?;
         released.map_err(CloseError::Unlock)
+    }
+}
+
+/// Why `Shared::write` writes (the `reason` label of the persist metrics); raises go
+/// through `raise_marks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteReason {
+    Open,
+    Close,
+}
+
+impl WriteReason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Close => "close",
+        }
     }
 }
 

@@ -15,6 +15,14 @@
 //! The file is replaced atomically: a temp file `.sequence-XXXXXXXX.json` (mode 0600) in the
 //! same directory, fsync, rename, then fsync of the directory so the rename itself is
 //! durable (aiocoap skips that last step).
+//!
+//! The persister's raises of a running context (`write_sequence_files`) instead rewrite a
+//! kept spare, `.sequence-spare.json`, and swap it with `sequence.json` in one
+//! `renameat2(RENAME_EXCHANGE)`: just as atomic, but no inode is created and none freed per
+//! raise. With 10 000 busy contexts, creating the temp files' inodes was 42 % of the
+//! gateway's CPU (ext4 searching its inode bitmaps past recently deleted ones). The spare
+//! holds an older state; nothing reads it, and the next clean `write_sequence_file` (at
+//! close) removes it, so a closed directory holds what aiocoap's does.
 
 use std::fmt;
 use std::fs::File;
@@ -28,6 +36,9 @@ use super::json::JsonSyntaxError;
 use crate::oscore::ReplayWindowState;
 
 pub const SEQUENCE_FILE: &str = "sequence.json";
+/// The spare that raises rewrite and swap with `sequence.json` (named like aiocoap's temp
+/// files, so tools that clean up `.sequence-*.json` treat it as one).
+pub const SPARE_FILE: &str = ".sequence-spare.json";
 
 /// The replay window as persisted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +117,17 @@ pub enum SequenceFileError {
     },
 }
 
+impl SequenceFileError {
+    /// An `io::Error` of the same kind and message (the error itself is not `Clone`).
+    fn to_io(&self) -> std::io::Error {
+        let kind = match self {
+            Self::Read { source, .. } | Self::Write { source, .. } => source.kind(),
+            Self::Syntax(_) => std::io::ErrorKind::InvalidData,
+        };
+        std::io::Error::new(kind, self.to_string())
+    }
+}
+
 /// Reads `dir/sequence.json`; `Ok(None)` if it does not exist.
 pub fn read_sequence_file(dir: &Path) -> Result<Option<SequenceState>, SequenceFileError> {
     let path = dir.join(SEQUENCE_FILE);
@@ -143,12 +165,29 @@ pub fn write_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), Sequ
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| err("fsync of the directory", e))?;
+    // The raises' spare holds an older state; once a state is durably in place it is no
+    // longer needed (see the module doc). Failing to remove it is harmless.
+    match std::fs::remove_file(dir.join(SPARE_FILE)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::debug!("cannot remove {}: {e}", dir.join(SPARE_FILE).display()),
+    }
     Ok(())
 }
 
+/// Durably replaces `dir/sequence.json` with `state` while its context is open: like
+/// `write_sequence_file`, but through the kept spare (see the module doc), which stays.
+pub fn swap_in_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), SequenceFileError> {
+    write_sequence_files(&[(dir, *state)])
+        .into_iter()
+        .next()
+        .unwrap_or(Ok(()))
+}
+
 /// Durably replaces `sequence.json` in each of `items` (a directory and its new state), as a
-/// group: every temp file is written first, then all are synced, renamed, and the
-/// directories synced. The result for item `i` is at index `i`; when it is `Ok`, that file
+/// group: every new state is written first (into the directory's spare, or a temp file if
+/// the spare cannot be opened), then all are synced, swapped or renamed into place, and
+/// the directories synced. The result for item `i` is at index `i`; when it is `Ok`, that file
 /// is as durable as after `write_sequence_file` (each temp file and each directory gets its
 /// own fsync, whose error is reported for that item).
 ///
@@ -169,28 +208,29 @@ pub fn write_sequence_files(
         step,
         source,
     };
+    // A directory listed more than once is written once, with its last state (its spare
+    // cannot hold two states at a time); the earlier items get that write's result.
+    let mut last: std::collections::HashMap<&Path, usize> =
+        std::collections::HashMap::with_capacity(items.len());
+    for (i, (dir, _)) in items.iter().enumerate() {
+        last.insert(*dir, i);
+    }
     let mut results: Vec<Result<(), SequenceFileError>> = Vec::with_capacity(items.len());
-    let mut temps: Vec<Option<tempfile::NamedTempFile>> = Vec::with_capacity(items.len());
-    for (dir, state) in items {
-        let written = tempfile::Builder::new()
-            .prefix(".sequence-")
-            .suffix(".json")
-            .rand_bytes(8)
-            .tempfile_in(dir)
-            .map_err(|e| err(dir, "creating the temp file", e))
-            .and_then(|mut tmp| {
-                tmp.write_all(state.to_json().as_bytes())
-                    .map_err(|e| err(dir, "writing the temp file", e))?;
-                Ok(tmp)
-            });
-        match written {
-            Ok(tmp) => {
-                temps.push(Some(tmp));
+    let mut staged: Vec<Option<Staged>> = Vec::with_capacity(items.len());
+    for (i, (dir, state)) in items.iter().enumerate() {
+        if last[dir] != i {
+            staged.push(None);
+            results.push(Ok(()));
+            continue;
+        }
+        match Staged::write(dir, state.to_json().as_bytes()) {
+            Ok(new) => {
+                staged.push(Some(new));
                 results.push(Ok(()));
             }
-            Err(e) => {
-                temps.push(None);
-                results.push(Err(e));
+            Err((step, e)) => {
+                staged.push(None);
+                results.push(Err(err(dir, step, e)));
             }
         }
     }
@@ -199,18 +239,11 @@ pub fn write_sequence_files(
         sync_filesystems(items.iter().map(|(dir, _)| *dir));
     }
     for (i, (dir, _)) in items.iter().enumerate() {
-        let Some(tmp) = temps[i].take() else { continue };
-        let done = tmp
-            .as_file()
-            .sync_all()
-            .map_err(|e| err(dir, "fsync of the temp file", e))
-            .and_then(|()| {
-                tmp.persist(dir.join(SEQUENCE_FILE))
-                    .map(drop)
-                    .map_err(|e| err(dir, "renaming the temp file", e.error))
-            });
-        if let Err(e) = done {
-            results[i] = Err(e);
+        let Some(new) = staged[i].take() else {
+            continue;
+        };
+        if let Err((step, e)) = new.put_in_place(dir) {
+            results[i] = Err(err(dir, step, e));
         }
     }
     let renamed = || {
@@ -242,11 +275,111 @@ pub fn write_sequence_files(
             results[i] = Err(err(dir, "fsync of the directory", e));
         }
     }
+    for (i, (dir, _)) in items.iter().enumerate() {
+        let j = last[dir];
+        if j != i {
+            if let Err(e) = &results[j] {
+                results[i] = Err(err(dir, "the later write of this directory", e.to_io()));
+            }
+        }
+    }
     results
 }
 
 /// Groups of fewer files are synced file by file only (see `write_sequence_files`).
 const SYNCFS_MIN_GROUP: usize = 8;
+
+/// A new `sequence.json` written, not yet synced or in place.
+enum Staged {
+    /// In the directory's spare (`SPARE_FILE`), to be swapped with `sequence.json`.
+    Spare(File),
+    /// In a fresh temp file, to be renamed over `sequence.json`: the spare could not be
+    /// opened (say, something else of that name is in the way).
+    Temp(tempfile::NamedTempFile),
+}
+
+type StepError = (&'static str, std::io::Error);
+
+impl Staged {
+    fn write(dir: &Path, contents: &[u8]) -> Result<Self, StepError> {
+        match Self::write_spare(dir, contents) {
+            Ok(file) => Ok(Self::Spare(file)),
+            Err(e) => {
+                tracing::debug!("{}: {e}; using a temp file", dir.join(SPARE_FILE).display());
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(".sequence-")
+                    .suffix(".json")
+                    .rand_bytes(8)
+                    .tempfile_in(dir)
+                    .map_err(|e| ("creating the temp file", e))?;
+                tmp.write_all(contents)
+                    .map_err(|e| ("writing the temp file", e))?;
+                Ok(Self::Temp(tmp))
+            }
+        }
+    }
+
+    /// Rewrites the spare in place (created 0600 if missing; never through a symlink).
+    fn write_spare(dir: &Path, contents: &[u8]) -> std::io::Result<File> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(dir.join(SPARE_FILE))?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        file.write_all_at(contents, 0)?;
+        file.set_len(contents.len() as u64)?;
+        Ok(file)
+    }
+
+    /// fsync, then atomically make it `dir/sequence.json`. A spare is swapped with a regular
+    /// `sequence.json` (RENAME_EXCHANGE; the spare then holds the old state), otherwise
+    /// renamed over it (no `sequence.json` yet, a file system without RENAME_EXCHANGE, or
+    /// something other than a file in the way, where rename reports the error). On failure
+    /// nothing new is left behind.
+    fn put_in_place(self, dir: &Path) -> Result<(), StepError> {
+        let target = dir.join(SEQUENCE_FILE);
+        match self {
+            Self::Temp(tmp) => {
+                tmp.as_file()
+                    .sync_all()
+                    .map_err(|e| ("fsync of the temp file", e))?;
+                tmp.persist(&target)
+                    .map(drop)
+                    .map_err(|e| ("renaming the temp file", e.error))
+            }
+            Self::Spare(file) => {
+                let spare = dir.join(SPARE_FILE);
+                let placed = file
+                    .sync_all()
+                    .map_err(|e| ("fsync of the spare", e))
+                    .and_then(|()| swap_or_rename(&spare, &target));
+                if placed.is_err() {
+                    let _ = std::fs::remove_file(&spare);
+                }
+                placed
+            }
+        }
+    }
+}
+
+fn swap_or_rename(spare: &Path, target: &Path) -> Result<(), StepError> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let is_file = std::fs::symlink_metadata(target).is_ok_and(|m| m.is_file());
+    if is_file {
+        match renameat_with(CWD, spare, CWD, target, RenameFlags::EXCHANGE) {
+            Ok(()) => return Ok(()),
+            // not supported by this file system (or kernel): plain rename below
+            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {}
+            Err(e) => return Err(("swapping in the spare", e.into())),
+        }
+    }
+    std::fs::rename(spare, target).map_err(|e| ("renaming the spare", e))
+}
 
 /// One `syncfs(2)` per distinct filesystem among `dirs` (a performance hint only: errors
 /// are ignored, the callers fsync each file afterwards).
@@ -426,6 +559,89 @@ mod tests {
             std::fs::read_to_string(d.join(SEQUENCE_FILE)).unwrap(),
             state(2).to_json()
         );
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).unwrap().ino()
+    }
+
+    /// Raises swap a kept spare with sequence.json: two inodes take turns, none is created
+    /// per raise; the final write removes the spare. Fails if raises go back to temp files.
+    #[test]
+    fn raises_swap_the_spare_and_the_final_write_removes_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let state = |n| SequenceState {
+            next_to_send: n,
+            received: Received::Unknown,
+        };
+        let (seq, spare) = (d.join(SEQUENCE_FILE), d.join(SPARE_FILE));
+        write_sequence_file(d, &state(10)).unwrap();
+        let a = inode(&seq);
+        assert!(write_sequence_files(&[(d, state(1_000_000))])[0].is_ok());
+        assert_eq!(
+            std::fs::read_to_string(&seq).unwrap(),
+            state(1_000_000).to_json()
+        );
+        let b = inode(&seq);
+        assert_ne!(a, b);
+        assert_eq!(inode(&spare), a, "the spare holds the old file");
+        assert_eq!(
+            std::fs::read_to_string(&spare).unwrap(),
+            state(10).to_json()
+        );
+        // A shorter state after a longer one: the spare is cut to length.
+        swap_in_sequence_file(d, &state(7)).unwrap();
+        assert_eq!(std::fs::read_to_string(&seq).unwrap(), state(7).to_json());
+        assert_eq!((inode(&seq), inode(&spare)), (a, b));
+        let mode = std::fs::metadata(&seq).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        for n in 8..20 {
+            swap_in_sequence_file(d, &state(n)).unwrap();
+            assert_eq!(std::fs::read_to_string(&seq).unwrap(), state(n).to_json());
+            let mut both = [inode(&seq), inode(&spare)];
+            both.sort_unstable();
+            let mut expected = [a, b];
+            expected.sort_unstable();
+            assert_eq!(both, expected, "no new inode at raise {n}");
+        }
+        write_sequence_file(d, &state(20)).unwrap();
+        assert_eq!(std::fs::read_to_string(&seq).unwrap(), state(20).to_json());
+        let names: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, [SEQUENCE_FILE]);
+    }
+
+    /// A symlink planted as the spare is never followed: the write goes through a temp
+    /// file and the link's target is untouched.
+    #[test]
+    fn a_symlinked_spare_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("ctx");
+        std::fs::create_dir(&d).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, d.join(SPARE_FILE)).unwrap();
+        let state = SequenceState {
+            next_to_send: 42,
+            received: Received::Unknown,
+        };
+        write_sequence_file(&d, &SequenceState::fresh()).unwrap();
+        std::os::unix::fs::symlink(&victim, d.join(SPARE_FILE)).unwrap();
+        swap_in_sequence_file(&d, &state).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(
+            std::fs::read_to_string(d.join(SEQUENCE_FILE)).unwrap(),
+            state.to_json()
+        );
+        assert!(std::fs::symlink_metadata(d.join(SPARE_FILE))
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use thiserror::Error;
 
 use super::lock::{ContextLock, LockError};
-use super::persist::{self, lock, CloseError, Job, Shared, CHUNK_START, METRIC_SEQUENCE_WAITS};
+use super::persist::{
+    self, lock, CloseError, Job, Shared, WriteReason, CHUNK_START, METRIC_SEQUENCE_WAITS,
+};
 use super::sequence_file::{read_sequence_file, Received, SequenceFileError, SequenceState};
 use super::settings::{load_context_params, SettingsError};
 use crate::oscore::sequence::MAX_SENDER_SEQUENCE_NUMBER;
@@ -140,7 +142,7 @@ impl ContextStore {
                 next_to_send: mark,
                 received: Received::Unknown,
             },
-            "open",
+            WriteReason::Open,
         )?;
         sequence.raise_persisted_limit(mark);
         Ok(OpenContext {
