@@ -46,9 +46,50 @@ pub fn find_credential<'m>(
 pub struct CredentialCache {
     /// (target URI, index of the matching entry in `CredentialsMap::entries`; None: no
     /// pattern matches), found by `hash`.
-    known: std::sync::Mutex<hashbrown::HashTable<(CoapUri, Option<usize>)>>,
+    known: std::sync::Mutex<hashbrown::HashTable<(UriKey, Option<usize>)>>,
     hasher: std::hash::RandomState,
     capacity: usize,
+}
+
+/// A target URI as `CredentialCache` keys it: its parts, each length-prefixed, in one byte
+/// string that stays inline up to `URI_KEY_INLINE` bytes. Comparing it is one `memcmp` of
+/// the table's own memory, where comparing a stored `CoapUri` followed a pointer per part
+/// (scheme, host, path list, each segment): one allocation per cached URI instead of five.
+/// callgrind's cache simulation, 10 000 targets round-robin: 75 instructions and 2.7 L1
+/// misses fewer per request; L2 misses unchanged (the table itself does not fit in L2).
+type UriKey = smallvec::SmallVec<[u8; URI_KEY_INLINE]>;
+const URI_KEY_INLINE: usize = 96;
+
+fn uri_key(uri: &CoapUri) -> UriKey {
+    let port = uri.port.map_or([0, 0, 0], |p| {
+        let [x, y] = p.to_le_bytes();
+        [1, x, y]
+    });
+    // the count separates the path from the query
+    let segments = (uri.path.len() as u32).to_le_bytes();
+    let parts = [uri.scheme.as_bytes(), uri.host.as_bytes(), &port, &segments]
+        .into_iter()
+        .chain(uri.path.iter().map(String::as_bytes))
+        .chain(uri.query.iter().map(String::as_bytes));
+    let len: usize = parts.clone().map(|p| 4 + p.len()).sum();
+    if len <= URI_KEY_INLINE {
+        // the common case, without a capacity check per part
+        let mut buf = [0u8; URI_KEY_INLINE];
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + 4].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            buf[at + 4..at + 4 + part.len()].copy_from_slice(part);
+            at += 4 + part.len();
+        }
+        UriKey::from_buf_and_len(buf, at)
+    } else {
+        let mut key = UriKey::with_capacity(len);
+        for part in parts {
+            key.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            key.extend_from_slice(part);
+        }
+        key
+    }
 }
 
 /// The position of `e` in `entries`, from its address (a search by `ptr::eq` was a scan of
@@ -82,53 +123,13 @@ impl CredentialCache {
         }
     }
 
-    /// SipHash of the URI's parts, fed in one `write` from a stack buffer (SipHash per
-    /// `write` call of every field of a derived `Hash` was ~500 instructions per request).
-    /// Parts are length-prefixed; a URI longer than the buffer goes in several writes.
-    fn hash(&self, uri: &CoapUri) -> u64 {
+    /// SipHash of a URI's key, in one `write` (SipHash per `write` call of every field of
+    /// a derived `Hash` was ~500 instructions per request).
+    fn hash(&self, key: &[u8]) -> u64 {
         use std::hash::{BuildHasher, Hasher};
-        struct Buffered<H> {
-            h: H,
-            buf: [u8; 192],
-            len: usize,
-        }
-        impl<H: Hasher> Buffered<H> {
-            fn put(&mut self, part: &[u8]) {
-                let n = part.len();
-                if self.len + 4 + n > self.buf.len() {
-                    self.h.write(&self.buf[..self.len]);
-                    self.len = 0;
-                    if 4 + n > self.buf.len() {
-                        self.h.write_u32(n as u32);
-                        self.h.write(part);
-                        return;
-                    }
-                }
-                self.buf[self.len..self.len + 4].copy_from_slice(&(n as u32).to_le_bytes());
-                self.buf[self.len + 4..self.len + 4 + n].copy_from_slice(part);
-                self.len += 4 + n;
-            }
-        }
-        let mut b = Buffered {
-            h: self.hasher.build_hasher(),
-            buf: [0; 192],
-            len: 0,
-        };
-        b.put(uri.scheme.as_bytes());
-        b.put(uri.host.as_bytes());
-        b.put(&uri.port.map_or([0, 0, 0], |p| {
-            let [x, y] = p.to_le_bytes();
-            [1, x, y]
-        }));
-        b.put(&(uri.path.len() as u32).to_le_bytes());
-        for seg in &uri.path {
-            b.put(seg.as_bytes());
-        }
-        for arg in &uri.query {
-            b.put(arg.as_bytes());
-        }
-        b.h.write(&b.buf[..b.len]);
-        b.h.finish()
+        let mut h = self.hasher.build_hasher();
+        h.write(key);
+        h.finish()
     }
 
     /// `find_credential(map, uri)`, from the cache when it was asked before. `map` must be
@@ -152,8 +153,9 @@ impl CredentialCache {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        let hash = self.hash(uri);
-        let cached = lock().find(hash, |(u, _)| u == uri).map(|(_, i)| *i);
+        let key = uri_key(uri);
+        let hash = self.hash(&key);
+        let cached = lock().find(hash, |(k, _)| *k == key).map(|(_, i)| *i);
         let entry = |i: usize| match map.entries().get(i) {
             Some(
                 e @ Entry {
@@ -185,8 +187,8 @@ impl CredentialCache {
         if known.len() >= self.capacity {
             known.clear();
         }
-        if known.find(hash, |(u, _)| u == uri).is_none() {
-            known.insert_unique(hash, (uri.clone(), index), |(u, _)| self.hash(u));
+        if known.find(hash, |(k, _)| *k == key).is_none() {
+            known.insert_unique(hash, (key, index), |(k, _)| self.hash(k));
         }
         Ok(found.map(|(e, o)| (index, e, o)))
     }
@@ -620,6 +622,7 @@ mod tests {
             "coap://c.example/x",
             "coap://d.example/x",
             long.as_str(),
+            "coap://a.example/xy",
         ]
         .iter()
         .map(|u| CoapUri::parse(u).unwrap())
@@ -657,9 +660,23 @@ mod tests {
         assert_eq!(entry_index(map.entries(), &stranger), None);
         assert!(dir(&cache.find(&map, &uris[8])).is_err(), "dtls entry");
         assert!(matches!(dir(&cache.find(&map, &uris[7])), Ok(None)));
-        // equal URIs hash alike; different ones (almost surely) not
-        assert_eq!(cache.hash(&uris[0]), cache.hash(&uris[0].clone()));
-        assert_ne!(cache.hash(&uris[0]), cache.hash(&uris[1]));
-        assert_eq!(cache.hash(&uris[9]), cache.hash(&uris[9].clone()));
+        // equal URIs have equal keys and hash alike; parts that concatenate alike do not
+        // make equal keys (uris[10] would get uris[0]'s answer from the big cache)
+        let key = |u: &CoapUri| uri_key(u);
+        assert_eq!(key(&uris[0]), key(&uris[0].clone()));
+        assert_eq!(
+            cache.hash(&key(&uris[0])),
+            cache.hash(&key(&uris[0].clone()))
+        );
+        assert_ne!(cache.hash(&key(&uris[0])), cache.hash(&key(&uris[1])));
+        assert_ne!(key(&uris[0]), key(&uris[10]));
+        let parsed = |u: &str| key(&CoapUri::parse(u).unwrap());
+        assert_ne!(parsed("coap://a.example/x"), parsed("coap://a.example?x"));
+        assert_ne!(
+            parsed("coap://a.example/x/y"),
+            parsed("coap://a.example/x?y")
+        );
+        assert!(key(&uris[9]).spilled(), "a long URI's key is on the heap");
+        assert_eq!(key(&uris[9]), key(&uris[9].clone()));
     }
 }
