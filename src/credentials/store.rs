@@ -150,7 +150,10 @@ impl ContextStore {
             sequence,
             replay_window,
             persister: ContextPersister {
-                handle: Arc::new(Handle { shared }),
+                _closer: Arc::new(Handle {
+                    shared: Arc::clone(&shared),
+                }),
+                shared,
             },
         })
     }
@@ -173,7 +176,10 @@ pub struct OpenContext {
 /// `close` or when the last clone is dropped.
 #[derive(Clone)]
 pub struct ContextPersister {
-    handle: Arc<Handle>,
+    /// Held only for its `Drop`: the last clone closes the context.
+    _closer: Arc<Handle>,
+    /// The same as the closer's `shared`, one pointer less to follow on every request.
+    shared: Arc<Shared>,
 }
 
 struct Handle {
@@ -204,7 +210,7 @@ impl std::fmt::Debug for ContextPersister {
 
 impl ContextPersister {
     fn shared(&self) -> &Arc<Shared> {
-        &self.handle.shared
+        &self.shared
     }
 
     pub fn dir(&self) -> &Path {

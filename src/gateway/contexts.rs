@@ -132,6 +132,18 @@ impl CredentialCache {
         h.finish()
     }
 
+    /// What the cache remembers for `uri`, without reading the map: `Some(Some(i))` the
+    /// entry at `map.entries()[i]`, `Some(None)` no pattern matches, `None` not known.
+    pub fn cached(&self, uri: &CoapUri) -> Option<Option<usize>> {
+        let key = uri_key(uri);
+        let hash = self.hash(&key);
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .find(hash, |(k, _)| *k == key)
+            .map(|(_, i)| *i)
+    }
+
     /// `find_credential(map, uri)`, from the cache when it was asked before. `map` must be
     /// the same map at every call.
     pub fn find<'m>(
@@ -653,6 +665,18 @@ mod tests {
             }
         }
         assert_eq!(big.len(), uris.len() - 1, "every URI but the error cached");
+        // `cached` tells what a lookup would, without the map: the entry's index, no match,
+        // or not known (the error is never remembered)
+        for u in &uris {
+            let expected = match big.find_indexed(&map, u) {
+                Ok(found) => Some(found.map(|(i, _, _)| i.unwrap())),
+                Err(_) => None,
+            };
+            assert_eq!(big.cached(u), expected, "{u}");
+        }
+        assert_eq!(big.cached(&uris[7]), Some(None), "no pattern matches");
+        let unseen = CoapUri::parse("coap://a.example/never/asked").unwrap();
+        assert_eq!(big.cached(&unseen), None);
         for (i, e) in map.entries().iter().enumerate() {
             assert_eq!(entry_index(map.entries(), e), Some(i));
         }

@@ -394,6 +394,23 @@ impl Gateway {
         let Some(map) = &self.credentials else {
             return Ok(None);
         };
+        // The way of almost every request: a target seen before whose entry's context is
+        // open, found without reading the credentials entry itself (with 10 000 entries
+        // that read was a cache miss per request).
+        match self.credential_cache.cached(&target.uri) {
+            Some(None) => return Ok(None),
+            Some(Some(i)) => {
+                if let Some(p) = self.entry_contexts.get(i).and_then(|memo| {
+                    lock(memo)
+                        .as_ref()
+                        .filter(|p| !p.persister().is_closed())
+                        .cloned()
+                }) {
+                    return Ok(Some(p));
+                }
+            }
+            None => {}
+        }
         // Formatted only for a diagnostic, not on the way of every request.
         let uri = || target.uri.matching_uri();
         let credential = self
