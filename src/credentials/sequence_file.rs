@@ -16,8 +16,9 @@
 //! same directory, fsync, rename, then fsync of the directory so the rename itself is
 //! durable (aiocoap skips that last step).
 //!
-//! The persister's raises of a running context (`write_sequence_files`) instead rewrite a
-//! kept spare, `.sequence-spare.json`, and swap it with `sequence.json` in one
+//! While a context is open, its writes (at open and at each raise of the mark:
+//! `swap_in_sequence_file`, `write_sequence_files`) instead rewrite a kept spare,
+//! `.sequence-spare.json`, and swap it with `sequence.json` in one
 //! `renameat2(RENAME_EXCHANGE)`: just as atomic, but no inode is created and none freed per
 //! raise. With 10 000 busy contexts, creating the temp files' inodes was 42 % of the
 //! gateway's CPU (ext4 searching its inode bitmaps past recently deleted ones). The spare
@@ -147,16 +148,7 @@ pub fn write_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), Sequ
         step,
         source,
     };
-    // tempfile creates the file with O_EXCL and mode 0600, like Python's mkstemp, and
-    // removes it again if we return early.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".sequence-")
-        .suffix(".json")
-        .rand_bytes(8)
-        .tempfile_in(dir)
-        .map_err(|e| err("creating the temp file", e))?;
-    tmp.write_all(state.to_json().as_bytes())
-        .map_err(|e| err("writing the temp file", e))?;
+    let tmp = new_temp_file(dir, state.to_json().as_bytes()).map_err(|(step, e)| err(step, e))?;
     tmp.as_file()
         .sync_all()
         .map_err(|e| err("fsync of the temp file", e))?;
@@ -178,6 +170,7 @@ pub fn write_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), Sequ
 /// Durably replaces `dir/sequence.json` with `state` while its context is open: like
 /// `write_sequence_file`, but through the kept spare (see the module doc), which stays.
 pub fn swap_in_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), SequenceFileError> {
+    // one item in, one result out
     write_sequence_files(&[(dir, *state)])
         .into_iter()
         .next()
@@ -188,7 +181,7 @@ pub fn swap_in_sequence_file(dir: &Path, state: &SequenceState) -> Result<(), Se
 /// group: every new state is written first (into the directory's spare, or a temp file if
 /// the spare cannot be opened), then all are synced, swapped or renamed into place, and
 /// the directories synced. The result for item `i` is at index `i`; when it is `Ok`, that file
-/// is as durable as after `write_sequence_file` (each temp file and each directory gets its
+/// is as durable as after `write_sequence_file` (each new file and each directory gets its
 /// own fsync, whose error is reported for that item).
 ///
 /// Why a group: with many busy contexts the persister has many files to raise at once, and
@@ -289,6 +282,21 @@ pub fn write_sequence_files(
 /// Groups of fewer files are synced file by file only (see `write_sequence_files`).
 const SYNCFS_MIN_GROUP: usize = 8;
 
+/// A new temp file `.sequence-XXXXXXXX.json` in `dir` holding `contents`. tempfile creates
+/// it with O_EXCL and mode 0600, like Python's mkstemp, and removes it again when it is
+/// dropped before `persist`.
+fn new_temp_file(dir: &Path, contents: &[u8]) -> Result<tempfile::NamedTempFile, StepError> {
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".sequence-")
+        .suffix(".json")
+        .rand_bytes(8)
+        .tempfile_in(dir)
+        .map_err(|e| ("creating the temp file", e))?;
+    tmp.write_all(contents)
+        .map_err(|e| ("writing the temp file", e))?;
+    Ok(tmp)
+}
+
 /// A new `sequence.json` written, not yet synced or in place.
 enum Staged {
     /// In the directory's spare (`SPARE_FILE`), to be swapped with `sequence.json`.
@@ -306,27 +314,21 @@ impl Staged {
             Ok(file) => Ok(Self::Spare(file)),
             Err(e) => {
                 tracing::debug!("{}: {e}; using a temp file", dir.join(SPARE_FILE).display());
-                let mut tmp = tempfile::Builder::new()
-                    .prefix(".sequence-")
-                    .suffix(".json")
-                    .rand_bytes(8)
-                    .tempfile_in(dir)
-                    .map_err(|e| ("creating the temp file", e))?;
-                tmp.write_all(contents)
-                    .map_err(|e| ("writing the temp file", e))?;
-                Ok(Self::Temp(tmp))
+                new_temp_file(dir, contents).map(Self::Temp)
             }
         }
     }
 
-    /// Rewrites the spare in place (created 0600 if missing; never through a symlink).
+    /// Rewrites the spare in place (created 0600 if missing; never through a symlink, and
+    /// O_NONBLOCK so that a FIFO planted there cannot block the writer; only a regular
+    /// file is used).
     fn write_spare(dir: &Path, contents: &[u8]) -> std::io::Result<File> {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(dir.join(SPARE_FILE))?;
         if !file.metadata()?.is_file() {
             return Err(std::io::Error::other("not a regular file"));
@@ -642,6 +644,31 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
+    }
+
+    /// A FIFO planted as the spare neither blocks the writer (opening a FIFO for writing
+    /// waits for a reader) nor is used: the write goes through a temp file.
+    #[test]
+    fn a_fifo_as_spare_does_not_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().to_owned();
+        write_sequence_file(&d, &SequenceState::fresh()).unwrap();
+        let fifo = std::ffi::CString::new(d.join(SPARE_FILE).to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let state = SequenceState {
+            next_to_send: 99,
+            received: Received::Unknown,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.clone();
+        std::thread::spawn(move || tx.send(swap_in_sequence_file(&dir, &state).is_ok()));
+        let done = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(done, Ok(true), "the write blocked on the FIFO or failed");
+        assert_eq!(
+            std::fs::read_to_string(d.join(SEQUENCE_FILE)).unwrap(),
+            state.to_json()
+        );
     }
 
     #[test]
