@@ -400,12 +400,7 @@ impl Gateway {
         match self.credential_cache.cached(&target.uri) {
             Some(None) => return Ok(None),
             Some(Some(i)) => {
-                if let Some(p) = self.entry_contexts.get(i).and_then(|memo| {
-                    lock(memo)
-                        .as_ref()
-                        .filter(|p| !p.persister().is_closed())
-                        .cloned()
-                }) {
+                if let Some(p) = self.memoised_context(i) {
                     return Ok(Some(p));
                 }
             }
@@ -425,12 +420,8 @@ impl Gateway {
         let Some((index, entry, cred)) = credential else {
             return Ok(None);
         };
-        let memo = index.and_then(|i| self.entry_contexts.get(i));
-        if let Some(memo) = memo {
-            let known = lock(memo);
-            if let Some(p) = known.as_ref().filter(|p| !p.persister().is_closed()) {
-                return Ok(Some(Arc::clone(p)));
-            }
+        if let Some(p) = index.and_then(|i| self.memoised_context(i)) {
+            return Ok(Some(p));
         }
         let protection = self.contexts.get(&cred.basedir).await.map_err(|e| {
             tracing::warn!("{}: credential {:?}: {e}", uri(), entry.key);
@@ -439,10 +430,18 @@ impl Gateway {
                 format!("OSCORE context for {} cannot be used: {e}", uri()),
             )
         })?;
-        if let Some(memo) = memo {
+        if let Some(memo) = index.and_then(|i| self.entry_contexts.get(i)) {
             *lock(memo) = Some(Arc::clone(&protection));
         }
         Ok(Some(protection))
+    }
+
+    /// The context opened for credentials entry `index`, if it is still open.
+    fn memoised_context(&self, index: usize) -> Option<Arc<OscoreProtection>> {
+        let memo = lock(self.entry_contexts.get(index)?);
+        memo.as_ref()
+            .filter(|p| !p.persister().is_closed())
+            .cloned()
     }
 }
 
