@@ -376,7 +376,10 @@ fn swap_or_rename(spare: &Path, target: &Path) -> Result<(), StepError> {
         match renameat_with(CWD, spare, CWD, target, RenameFlags::EXCHANGE) {
             Ok(()) => return Ok(()),
             // not supported by this file system (or kernel): plain rename below
-            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {}
+            Err(e)
+                if e == rustix::io::Errno::INVAL
+                    || e == rustix::io::Errno::NOSYS
+                    || e == rustix::io::Errno::OPNOTSUPP => {}
             Err(e) => return Err(("swapping in the spare", e.into())),
         }
     }
