@@ -54,7 +54,6 @@ PORT_BASE=${PORT_BASE:-47300}
 LIMIT=${LIMIT:-60}
 ROWS=${ROWS:-}
 BUSY_POLL_US=${BUSY_POLL_US:-200}
-PIN=${PIN:-}
 NAME=e2e
 # shellcheck source=benches/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -62,17 +61,6 @@ VENV=${VENV:-$ROOT/target/interop/venv}
 [ -x "$VENV/bin/python" ] || VENV=/work/main/target/interop/venv
 INTEROP=${INTEROP:-$ROOT/../shared/interop}
 [ -d "$INTEROP" ] || INTEROP=/work/shared/interop
-
-# on_hop CMD... / on_rest CMD...: exec CMD on the hop's / the others' CPU per PIN (exec, so that
-# `start`'s $! is the program's own PID).
-case "$PIN" in
-    "") HOP_CPU=""; REST_CPU="" ;;
-    split) HOP_CPU=1; REST_CPU=0 ;;
-    one) HOP_CPU=0; REST_CPU=0 ;;
-    *) echo "PIN=$PIN: expected split or one" >&2; exit 2 ;;
-esac
-on_hop() { if [ -n "$HOP_CPU" ]; then exec taskset -c "$HOP_CPU" "$@"; else exec "$@"; fi; }
-on_rest() { if [ -n "$REST_CPU" ]; then exec taskset -c "$REST_CPU" "$@"; else exec "$@"; fi; }
 
 RESULTS=$TMP/results.tsv
 : >"$RESULTS"
@@ -227,11 +215,7 @@ else
 fi
 
 echo
-case "$PIN" in
-    split) echo "placement: PIN=split: hops on CPU 1; load tool, echo and origins on CPU 0" ;;
-    one) echo "placement: PIN=one: every process on CPU 0" ;;
-    *) echo "placement: not pinned (the kernel places the processes)" ;;
-esac
+echo "$(placement)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg); $(idle_setting)"
 echo "N=$N W=$W (d@32: W=$W32; aiocoap scenarios N=$NF W=$W32; W=1 rows N=$N1); gateway [coap] nstart=$NSTART except d-n1; release build, RUSTFLAGS='${RUSTFLAGS:-}'; CPU = server-side processes (hop + origin) per 100k requests; RSS = the hop's peak (VmHWM)"
 echo

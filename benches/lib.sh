@@ -13,6 +13,26 @@
 # that went idle a moment ago notices the wake-up itself. It changes the machine, not the
 # programs measured, and applies to every row alike. `idle_setting` prints what is in force.
 
+# PIN=split|one: CPU placement (see the scripts' headers). on_hop CMD... / on_rest CMD...
+# exec CMD on the hop's (relay, gateway) / the others' (load tool, echo, origins) CPU per
+# PIN; exec, so that `start`'s $! is the program's own PID.
+PIN=${PIN:-}
+case "$PIN" in
+    "") HOP_CPU=""; REST_CPU="" ;;
+    split) HOP_CPU=1; REST_CPU=0 ;;
+    one) HOP_CPU=0; REST_CPU=0 ;;
+    *) echo "PIN=$PIN: expected split or one" >&2; exit 2 ;;
+esac
+on_hop() { if [ -n "$HOP_CPU" ]; then exec taskset -c "$HOP_CPU" "$@"; else exec "$@"; fi; }
+on_rest() { if [ -n "$REST_CPU" ]; then exec taskset -c "$REST_CPU" "$@"; else exec "$@"; fi; }
+placement() {
+    case "$PIN" in
+        split) echo "placement: PIN=split: hops on CPU 1; load tool, echo and origins on CPU 0" ;;
+        one) echo "placement: PIN=one: every process on CPU 0" ;;
+        *) echo "placement: not pinned (the kernel places the processes)" ;;
+    esac
+}
+
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${BIN:-$ROOT/target/release/oscore-gateway}
 TCK=$(getconf CLK_TCK)

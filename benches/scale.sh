@@ -29,7 +29,10 @@
 #   second half (REL relations, `load --observe`).
 #
 # Usage: benches/scale.sh     (from the project root; builds the release binary unless SKIP_BUILD=1)
-# Env:   HALTPOLL_NS=200000 (root; see benches/lib.sh)
+#        PIN=split W=256 ONLY=t1 benches/scale.sh   capacity: the gateways alone on CPU 1, the
+#          load tool and origins on CPU 0, and a window that keeps the gateway busy, so that
+#          req/s is the gateway's CPU per request rather than this VM's wake-up latencies
+# Env:   HALTPOLL_NS=200000 (root; see benches/lib.sh); PIN=split|one (T1; see benches/lib.sh)
 #        N=200000 W=64 CTX=10000 ROUNDS=3 WARM_USES=120 REL=10000 HOLD=20 NOTIFY_MS=2000
 #        PORT_BASE=47500 LIMIT=120
 #        ONLY=t1|t2 (one half)
@@ -65,7 +68,7 @@ measure() {
     local id=$1 label=$2 gw=$3 origin=$4; shift 5
     local g0 o0 g1 o1 json
     g0=$(ticks "$gw"); o0=$(ticks "$origin")
-    json=$("$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
+    json=$(on_rest "$BIN" load "$@" --json --duration-limit "$LIMIT" --ack-timeout-ms 1000) || true
     g1=$(ticks "$gw"); o1=$(ticks "$origin")
     python3 - "$id" "$label" "$((g1 - g0))" "$((o1 - o0))" "$TCK" "$(hwm_kb "$gw")" "$json" >>"$RESULTS" <<'PY'
 import json, sys
@@ -111,10 +114,10 @@ p, port = sys.argv[1], sys.argv[2]
 json.dump({f"coap://127.0.0.1:{port}/*": {"oscore": {"basedir": "gw/c0"}}}, open(p, "w"))
 PY
 gw_toml $GW >"$TMP/gw1.toml"
-start origin1 "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx1/d/server.json" --max-seconds 1200; O1=$LAST_PID
+start origin1 on_rest "$BIN" load --serve 127.0.0.1:$OORIGIN --credentials "$TMP/ctx1/d/server.json" --max-seconds 1200; O1=$LAST_PID
 wait_port $OORIGIN $O1
 t0=$(now)
-start gw1 "$BIN" run --config "$TMP/gw1.toml" --credentials "$TMP/ctx1/d/gw.json"; G1=$LAST_PID
+start gw1 on_hop "$BIN" run --config "$TMP/gw1.toml" --credentials "$TMP/ctx1/d/gw.json"; G1=$LAST_PID
 wait_port $GW $G1
 echo "gateway start-up, 1 context: $(secs "$t0" "$(now)") s to bind, VmRSS $(( $(rss_kb $G1) / 1024 )) MB" >>"$EXTRA"
 measure d-warm "one context, warm-up" "$G1" "$O1" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count 1000 --window "$W"
@@ -125,13 +128,13 @@ python3 "$ROOT/benches/gen_contexts.py" "$TMP/ctxk" "$CTX" --port $OORIGIN10K
 echo "generating $CTX context pairs: $(secs "$t0" "$(now)") s" >>"$EXTRA"
 gw_toml $GW10K >"$TMP/gwk.toml"
 t0=$(now)
-start origink "$BIN" load --serve 127.0.0.1:$OORIGIN10K --credentials "$TMP/ctxk/server.json" --max-seconds 1200; O10K=$LAST_PID
+start origink on_rest "$BIN" load --serve 127.0.0.1:$OORIGIN10K --credentials "$TMP/ctxk/server.json" --max-seconds 1200; O10K=$LAST_PID
 wait_port $OORIGIN10K $O10K
 # the origin opens all its contexts before it answers: wait for its first answer
 "$BIN" load coap://127.0.0.1:$OORIGIN10K/ping --count 1 --window 1 --timeout 300 --ack-timeout-ms 1000 --duration-limit 300 >/dev/null || true
 echo "origin start-up, $CTX contexts (opened at start): $(secs "$t0" "$(now)") s until it answers, VmRSS $(( $(rss_kb $O10K) / 1024 )) MB" >>"$EXTRA"
 t0=$(now)
-start gwk "$BIN" run --config "$TMP/gwk.toml" --credentials "$TMP/ctxk/gw.json"; G10K=$LAST_PID
+start gwk on_hop "$BIN" run --config "$TMP/gwk.toml" --credentials "$TMP/ctxk/gw.json"; G10K=$LAST_PID
 wait_port $GW10K $G10K
 echo "gateway start-up, $CTX patterns: $(secs "$t0" "$(now)") s to bind, VmRSS $(( $(rss_kb $G10K) / 1024 )) MB" >>"$EXTRA"
 spread=(--spread "$CTX" --proxy coap://127.0.0.1:$GW10K --proxy-scheme --window "$W")
@@ -187,6 +190,7 @@ echo "origin at exit: $(grep '^serve:' "$TMP/origino.log" || echo '(no summary)'
 fi
 
 echo
+echo "$(placement) (T1)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'); load average $(cut -d' ' -f1-3 /proc/loadavg); $(idle_setting); RLIMIT_NOFILE $(ulimit -Sn)/$(ulimit -Hn)"
 echo "N=$N W=$W CTX=$CTX; CPU = per 100k requests, gateway and origin separately; RSS = the gateway's peak (VmHWM)"
 echo
