@@ -521,7 +521,7 @@ fn open_and_close_round_trips_aiocoap_samples_byte_exact() {
             Received::Unknown => assert_eq!(window, None),
             Received::Window(w) => assert_eq!(window, Some(w)),
         }
-        assert_eq!(ctx.sequence.next(), stored.next_to_send);
+        assert_eq!(ctx.sequence().next(), stored.next_to_send);
         // While open, the file holds the mark and "unknown".
         assert_eq!(
             sequence_bytes(&d),
@@ -547,7 +547,7 @@ fn null_window_reads_as_unknown() {
     );
     let ctx = ContextStore::new().open(&d).unwrap();
     assert!(!ctx.replay_window.lock().unwrap().is_initialized());
-    assert_eq!(ctx.sequence.next(), 10);
+    assert_eq!(ctx.sequence().next(), 10);
     ctx.persister.close().unwrap();
     assert_eq!(
         sequence_bytes(&d),
@@ -561,7 +561,7 @@ fn missing_sequence_file_is_fresh_and_the_file_is_private() {
     let tmp = tempdir();
     let d = doc_context(tmp.path(), "c");
     let ctx = ContextStore::new().open(&d).unwrap();
-    assert_eq!(ctx.sequence.next(), 0);
+    assert_eq!(ctx.sequence().next(), 0);
     assert_eq!(
         ctx.replay_window.lock().unwrap().state(),
         Some(ReplayWindowState {
@@ -717,7 +717,7 @@ fn threads_reserving_concurrently_with_close_never_lose_a_number() {
     assert!(used.len() > 10, "only {} numbers", used.len());
     assert!(read_state(&d).next_to_send > max);
     // Nothing can be taken after close, not even through the shared SenderSequence.
-    assert!(ctx.sequence.reserve().is_err());
+    assert!(ctx.sequence().reserve().is_err());
     assert!(matches!(
         ctx.persister.try_next_sequence_number(),
         Err(NextSequenceError::Closed { .. })
@@ -1191,7 +1191,7 @@ fn we_continue_where_aiocoap_stopped() {
         r#"{"next-to-send": 12, "received": {"index": 9, "bitfield": 2147483648}}"#
     );
     let ctx = ContextStore::new().open(&d).unwrap();
-    assert_eq!(ctx.sequence.next(), 12);
+    assert_eq!(ctx.sequence().next(), 12);
     assert_eq!(
         ctx.replay_window.lock().unwrap().state(),
         Some(ReplayWindowState {

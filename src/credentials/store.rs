@@ -128,11 +128,10 @@ impl ContextStore {
         } else {
             (next + CHUNK_START).min(MAX_SENDER_SEQUENCE_NUMBER + 1)
         };
-        let sequence = Arc::new(SenderSequence::new(next, next));
         let replay_window = Arc::new(Mutex::new(window));
         let shared = Arc::new(Shared::new(
             dir,
-            Arc::clone(&sequence),
+            SenderSequence::new(next, next),
             Arc::clone(&replay_window),
             lock,
             jobs,
@@ -144,10 +143,9 @@ impl ContextStore {
             },
             WriteReason::Open,
         )?;
-        sequence.raise_persisted_limit(mark);
+        shared.sequence.raise_persisted_limit(mark);
         Ok(OpenContext {
             params,
-            sequence,
             replay_window,
             persister: ContextPersister {
                 _closer: Arc::new(Handle {
@@ -163,13 +161,19 @@ impl ContextStore {
 #[derive(Debug)]
 pub struct OpenContext {
     pub params: ContextParams,
-    /// Take numbers through `persister`, which keeps the mark ahead; `reserve` on this
-    /// directly never hands out an unpersisted number either, but does not ask for more.
-    pub sequence: Arc<SenderSequence>,
     /// Initialised from `sequence.json`, uninitialised after `"unknown"` (App. B.1.2).
     /// Written back at close, then left uninitialised (nothing is accepted after close).
     pub replay_window: Arc<Mutex<ReplayWindow>>,
     pub persister: ContextPersister,
+}
+
+impl OpenContext {
+    /// The Sender Sequence counter. Take numbers through `persister`, which keeps the mark
+    /// ahead; `reserve` on this directly never hands out an unpersisted number either, but
+    /// does not ask for more.
+    pub fn sequence(&self) -> &SenderSequence {
+        &self.persister.shared.sequence
+    }
 }
 
 /// The handle to an open context's persistence. Clones share it; the context is closed by
