@@ -127,5 +127,25 @@ wait_port() {
 ticks() { # utime+stime of PID in clock ticks (fields 14, 15 after the comm)
     sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
 }
+# Waits (at most $2 s, default 60) until the sequence persister thread of gateway PID $1
+# (thread name oscore-persist) used no CPU for one second, and prints how long that took.
+# A pass that follows one in which many contexts crossed a mark would otherwise share the
+# CPU with those contexts' durable writes (10 000 raises take seconds).
+wait_persister_idle() {
+    local pid=$1 limit=${2:-60} task="" t start last now
+    for t in /proc/"$pid"/task/*; do
+        if [ "$(cat "$t/comm" 2>/dev/null)" = oscore-persist ]; then task=$t; fi
+    done
+    if [ -z "$task" ]; then echo 0; return; fi
+    start=$(date +%s.%N)
+    last=$(sed 's/^.*) //' "$task/stat" | awk '{print $12 + $13}')
+    for _ in $(seq "$limit"); do
+        sleep 1
+        now=$(sed 's/^.*) //' "$task/stat" 2>/dev/null | awk '{print $12 + $13}')
+        if [ "$now" = "$last" ]; then break; fi
+        last=$now
+    done
+    awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'
+}
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -16,7 +16,9 @@
 #                mark at uses 6, 21, 51 and 111 (its chunk doubles from 10, as aiocoap's;
 #                RFC 8613 App. B.1.1), ~4 durable writes per context;
 #     d-warm     1000 requests on the single context.
-#   Then ROUNDS (3) rounds of N requests each, (d) then (d10k). No context crosses a mark
+#   Then, once the gateway's persister thread has been idle for a second (the last raises of
+#   d10k-new take it seconds to write; a round that overlapped them measured the writes),
+#   ROUNDS (3) rounds of N requests each, (d) then (d10k). No context crosses a mark
 #   in them (the next raise is at use 231 with the defaults), as the single context, whose
 #   chunk has long reached its 10 000 limit, crosses one only every 10 000 requests. So the
 #   two sides differ in the number of contexts and patterns only, and the rounds repeat the
@@ -142,6 +144,8 @@ t0=$(now)
 measure d10k-cold "$CTX contexts, first use of each (open + Echo)" "$G10K" "$O10K" -- "coap://127.0.0.1:$OORIGIN10K/c{i}/x" "${spread[@]}" --count "$CTX"
 echo "first pass over $CTX contexts (each opened at the gateway on first use): $(secs "$t0" "$(now)") s; gateway open fds $(ls /proc/$G10K/fd | wc -l)" >>"$EXTRA"
 measure d10k-new "$CTX contexts, uses 2-$((WARM_USES + 1)) of each (persister raises each ~4 times)" "$G10K" "$O10K" -- "coap://127.0.0.1:$OORIGIN10K/c{i}/x" "${spread[@]}" --count $((WARM_USES * CTX))
+# the raises of the pass above are still being written: the rounds start when they are done
+echo "persister busy after d10k-new: $(wait_persister_idle "$G10K") s until idle" >>"$EXTRA"
 for r in $(seq 1 "$ROUNDS"); do
     measure "d#$r" "one context, round $r" "$G1" "$O1" -- coap://127.0.0.1:$OORIGIN/x --proxy coap://127.0.0.1:$GW --proxy-scheme --count "$N" --window "$W"
     measure "d10k#$r" "$CTX contexts, round-robin, round $r" "$G10K" "$O10K" -- "coap://127.0.0.1:$OORIGIN10K/c{i}/x" "${spread[@]}" --count "$N"
