@@ -167,6 +167,8 @@ fn open<A: AeadInOut>(
     cipher.decrypt_inout_detached(&nonce, aad, buffer.into(), &tag)
 }
 
+const _: () = assert!(std::mem::size_of::<AeadKey>() == 16);
+
 // Compile-time check that the crate types carry the parameters RFC 9053 gives.
 const _: () = {
     const fn sizes<A: AeadCore>() -> (usize, usize) {
@@ -181,16 +183,17 @@ const _: () = {
     assert!(n == 13 && t == 16);
 };
 
-/// A key bound to its algorithm, ready to encrypt and decrypt.
+/// A key bound to its algorithm, ready to encrypt and decrypt. 16 bytes: the algorithm is
+/// the cipher's variant (a separate field made it 24, and a security context holds two,
+/// next to the fields every request reads).
 pub struct AeadKey {
-    algorithm: AeadAlgorithm,
     cipher: Cipher,
 }
 
 impl fmt::Debug for AeadKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AeadKey")
-            .field("algorithm", &self.algorithm)
+            .field("algorithm", &self.algorithm())
             .finish_non_exhaustive()
     }
 }
@@ -222,33 +225,47 @@ impl AeadKey {
             A::ChaCha20Poly1305 => new_cipher(key).map(Cipher::ChaCha20Poly1305),
         }
         .ok_or(bad_len)?;
-        Ok(Self { algorithm, cipher })
+        Ok(Self { cipher })
     }
 
     pub fn algorithm(&self) -> AeadAlgorithm {
-        self.algorithm
+        use AeadAlgorithm as A;
+        match self.cipher {
+            Cipher::Ccm16_64_128(_) => A::AesCcm16_64_128,
+            Cipher::Ccm16_64_256(_) => A::AesCcm16_64_256,
+            Cipher::Ccm64_64_128(_) => A::AesCcm64_64_128,
+            Cipher::Ccm64_64_256(_) => A::AesCcm64_64_256,
+            Cipher::Ccm16_128_128(_) => A::AesCcm16_128_128,
+            Cipher::Ccm16_128_256(_) => A::AesCcm16_128_256,
+            Cipher::Ccm64_128_128(_) => A::AesCcm64_128_128,
+            Cipher::Ccm64_128_256(_) => A::AesCcm64_128_256,
+            Cipher::Gcm128(_) => A::A128Gcm,
+            Cipher::Gcm192(_) => A::A192Gcm,
+            Cipher::Gcm256(_) => A::A256Gcm,
+            Cipher::ChaCha20Poly1305(_) => A::ChaCha20Poly1305,
+        }
     }
 
     fn check_nonce(&self, nonce: &[u8]) -> Result<(), AeadError> {
-        if nonce.len() == self.algorithm.nonce_len() {
+        if nonce.len() == self.algorithm().nonce_len() {
             Ok(())
         } else {
             Err(AeadError::NonceLength {
-                algorithm: self.algorithm,
-                expected: self.algorithm.nonce_len(),
+                algorithm: self.algorithm(),
+                expected: self.algorithm().nonce_len(),
                 actual: nonce.len(),
             })
         }
     }
 
     fn check_message_len(&self, len: usize) -> Result<(), AeadError> {
-        let max = match self.algorithm.nonce_len() {
+        let max = match self.algorithm().nonce_len() {
             13 => CCM_L2_MAX_LEN,
             _ => usize::MAX,
         };
         if len > max {
             return Err(AeadError::MessageTooLong {
-                algorithm: self.algorithm,
+                algorithm: self.algorithm(),
                 max,
                 actual: len,
             });
@@ -265,7 +282,7 @@ impl AeadKey {
     ) -> Result<Tag, AeadError> {
         self.check_nonce(nonce)?;
         self.check_message_len(buffer.len())?;
-        let algorithm = self.algorithm;
+        let algorithm = self.algorithm();
         // The only failure left inside the crates is an over-long message.
         with_cipher!(&self.cipher, c => seal(&**c, nonce, aad, buffer)).map_err(|_| {
             AeadError::MessageTooLong {
@@ -286,15 +303,15 @@ impl AeadKey {
         tag: &[u8],
     ) -> Result<(), AeadError> {
         self.check_nonce(nonce)?;
-        if tag.len() != self.algorithm.tag_len() {
+        if tag.len() != self.algorithm().tag_len() {
             return Err(AeadError::TagLength {
-                algorithm: self.algorithm,
-                expected: self.algorithm.tag_len(),
+                algorithm: self.algorithm(),
+                expected: self.algorithm().tag_len(),
                 actual: tag.len(),
             });
         }
         self.check_message_len(buffer.len())?;
-        let algorithm = self.algorithm;
+        let algorithm = self.algorithm();
         with_cipher!(&self.cipher, c => open(&**c, nonce, aad, buffer, tag))
             .map_err(|_| AeadError::Authentication { algorithm })
     }
@@ -324,11 +341,11 @@ impl AeadKey {
         buffer: &mut Vec<u8>,
         start: usize,
     ) -> Result<(), AeadError> {
-        let tag_len = self.algorithm.tag_len();
+        let tag_len = self.algorithm().tag_len();
         let total = buffer.len().saturating_sub(start);
         let Some(text_len) = total.checked_sub(tag_len) else {
             return Err(AeadError::CiphertextTooShort {
-                algorithm: self.algorithm,
+                algorithm: self.algorithm(),
                 tag_len,
                 actual: total,
             });
@@ -350,7 +367,7 @@ impl AeadKey {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Vec<u8>, AeadError> {
-        let mut buffer = Vec::with_capacity(plaintext.len() + self.algorithm.tag_len());
+        let mut buffer = Vec::with_capacity(plaintext.len() + self.algorithm().tag_len());
         buffer.extend_from_slice(plaintext);
         self.encrypt_in_place(nonce, aad, &mut buffer, 0)?;
         Ok(buffer)
@@ -376,6 +393,14 @@ mod tests {
     fn key_for(alg: AeadAlgorithm) -> AeadKey {
         let key: Vec<u8> = (0..alg.key_len()).map(|i| i as u8).collect();
         AeadKey::new(alg, &key).unwrap()
+    }
+
+    /// The algorithm is read back from the cipher's variant: each one names its own.
+    #[test]
+    fn every_key_knows_its_algorithm() {
+        for alg in AeadAlgorithm::ALL {
+            assert_eq!(key_for(alg).algorithm(), alg);
+        }
     }
 
     /// RFC 8613 C.4: AES-CCM-16-64-128 with the vector's key, nonce and AAD.

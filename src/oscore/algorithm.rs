@@ -107,7 +107,7 @@ impl AeadAlgorithm {
     }
 
     /// Nonce length in bytes; also the length of the Common IV (RFC 8613 §3.2.1).
-    pub fn nonce_len(self) -> usize {
+    pub const fn nonce_len(self) -> usize {
         match self {
             Self::AesCcm16_64_128
             | Self::AesCcm16_64_256

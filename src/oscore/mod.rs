@@ -22,7 +22,9 @@ pub mod unprotect;
 
 pub use aead::{AeadError, AeadKey};
 pub use algorithm::{AeadAlgorithm, HkdfAlgorithm};
-pub use context::{derive_keys, DeriveError, DerivedKeys, SecurityContext};
+pub use context::{
+    derive_keys, DeriveError, DerivedKeys, SecurityContext, SECURITY_CONTEXT_HOT_END,
+};
 pub use cose::{CoseError, OscoreOption, PartialIv};
 pub use error::{ErrorResponse, OscoreError, UninitializedWindow};
 pub use params::ContextParams;
