@@ -198,6 +198,35 @@ impl fmt::Debug for AeadKey {
     }
 }
 
+/// The nonce must be the algorithm's nonce length.
+fn check_nonce(algorithm: AeadAlgorithm, nonce: &[u8]) -> Result<(), AeadError> {
+    if nonce.len() == algorithm.nonce_len() {
+        Ok(())
+    } else {
+        Err(AeadError::NonceLength {
+            algorithm,
+            expected: algorithm.nonce_len(),
+            actual: nonce.len(),
+        })
+    }
+}
+
+/// CCM with a 13-byte nonce (L = 2) cannot encrypt more than 2^16 - 1 bytes.
+fn check_message_len(algorithm: AeadAlgorithm, len: usize) -> Result<(), AeadError> {
+    let max = match algorithm.nonce_len() {
+        13 => CCM_L2_MAX_LEN,
+        _ => usize::MAX,
+    };
+    if len > max {
+        return Err(AeadError::MessageTooLong {
+            algorithm,
+            max,
+            actual: len,
+        });
+    }
+    Ok(())
+}
+
 impl AeadKey {
     /// Sets up `algorithm` with `key` (which must be `algorithm.key_len()` bytes).
     pub fn new(algorithm: AeadAlgorithm, key: &[u8]) -> Result<Self, AeadError> {
@@ -246,33 +275,6 @@ impl AeadKey {
         }
     }
 
-    fn check_nonce(&self, nonce: &[u8]) -> Result<(), AeadError> {
-        if nonce.len() == self.algorithm().nonce_len() {
-            Ok(())
-        } else {
-            Err(AeadError::NonceLength {
-                algorithm: self.algorithm(),
-                expected: self.algorithm().nonce_len(),
-                actual: nonce.len(),
-            })
-        }
-    }
-
-    fn check_message_len(&self, len: usize) -> Result<(), AeadError> {
-        let max = match self.algorithm().nonce_len() {
-            13 => CCM_L2_MAX_LEN,
-            _ => usize::MAX,
-        };
-        if len > max {
-            return Err(AeadError::MessageTooLong {
-                algorithm: self.algorithm(),
-                max,
-                actual: len,
-            });
-        }
-        Ok(())
-    }
-
     /// Encrypts `buffer` in place and returns the tag (detached form).
     pub fn encrypt_detached(
         &self,
@@ -280,9 +282,10 @@ impl AeadKey {
         aad: &[u8],
         buffer: &mut [u8],
     ) -> Result<Tag, AeadError> {
-        self.check_nonce(nonce)?;
-        self.check_message_len(buffer.len())?;
+        // Read once: it is a match on the cipher's variant.
         let algorithm = self.algorithm();
+        check_nonce(algorithm, nonce)?;
+        check_message_len(algorithm, buffer.len())?;
         // The only failure left inside the crates is an over-long message.
         with_cipher!(&self.cipher, c => seal(&**c, nonce, aad, buffer)).map_err(|_| {
             AeadError::MessageTooLong {
@@ -302,16 +305,16 @@ impl AeadKey {
         buffer: &mut [u8],
         tag: &[u8],
     ) -> Result<(), AeadError> {
-        self.check_nonce(nonce)?;
-        if tag.len() != self.algorithm().tag_len() {
+        let algorithm = self.algorithm();
+        check_nonce(algorithm, nonce)?;
+        if tag.len() != algorithm.tag_len() {
             return Err(AeadError::TagLength {
-                algorithm: self.algorithm(),
-                expected: self.algorithm().tag_len(),
+                algorithm,
+                expected: algorithm.tag_len(),
                 actual: tag.len(),
             });
         }
-        self.check_message_len(buffer.len())?;
-        let algorithm = self.algorithm();
+        check_message_len(algorithm, buffer.len())?;
         with_cipher!(&self.cipher, c => open(&**c, nonce, aad, buffer, tag))
             .map_err(|_| AeadError::Authentication { algorithm })
     }
@@ -341,11 +344,12 @@ impl AeadKey {
         buffer: &mut Vec<u8>,
         start: usize,
     ) -> Result<(), AeadError> {
-        let tag_len = self.algorithm().tag_len();
+        let algorithm = self.algorithm();
+        let tag_len = algorithm.tag_len();
         let total = buffer.len().saturating_sub(start);
         let Some(text_len) = total.checked_sub(tag_len) else {
             return Err(AeadError::CiphertextTooShort {
-                algorithm: self.algorithm(),
+                algorithm,
                 tag_len,
                 actual: total,
             });
