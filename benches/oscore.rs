@@ -1,5 +1,7 @@
 //! OSCORE costs: context derivation, and protect + unprotect of a request and of a response
-//! for every AEAD algorithm with 64-byte and 1 KiB payloads.
+//! for every AEAD algorithm with 64-byte and 1 KiB payloads; and the client side of one
+//! outbound exchange (protect a request, unprotect its response) over 1 or 10 000 contexts
+//! in round-robin use, the memory cost of many contexts without the network's noise.
 //!
 //! Quick check: `cargo bench --bench oscore -- --test`. Full run: `cargo bench --bench oscore`
 //! (about three minutes; filter with e.g. `-- request/AES-CCM-16-64-128`).
@@ -157,5 +159,66 @@ fn response(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, derivation, request, response);
+/// What the gateway does per outbound request with a context, over `n` contexts in turn:
+/// protect a 64-byte GET, unprotect the origin's response (made once per context at set-up,
+/// as the origin would, so only the client side is measured). With 10 000 contexts each one
+/// is cold when its turn comes (docs/PERFORMANCE.md, "Session 5").
+fn outbound_contexts(c: &mut Criterion) {
+    let mut g = c.benchmark_group("contexts/outbound");
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let request = message(
+        MessageType::Confirmable,
+        Code::GET,
+        &[(number::URI_PATH, b"x")],
+        &[0xa5; 64],
+    );
+    let request = MessageView::parse(&request).unwrap();
+    let answer = message(
+        MessageType::Acknowledgement,
+        Code::CONTENT,
+        &[(number::CONTENT_FORMAT, &[0])],
+        &[0x5a; 64],
+    );
+    let answer = MessageView::parse(&answer).unwrap();
+    for n in [1usize, 10_000] {
+        // (client context, the binding of its request, the origin's protected response)
+        let contexts: Vec<_> = (0..n)
+            .map(|i| {
+                let mut p = params(AeadAlgorithm::AesCcm16_64_128);
+                p.master_secret = (i as u64).to_be_bytes().repeat(2);
+                let mut q = p.clone();
+                std::mem::swap(&mut q.sender_id, &mut q.recipient_id);
+                let client = SecurityContext::derive(&p, ReplayWindow::new_empty(32)).unwrap();
+                let server = SecurityContext::derive(&q, ReplayWindow::new_empty(32)).unwrap();
+                let mut wire = Vec::new();
+                let binding =
+                    protect_request(&client, SenderSequenceNumber(0), &request, &mut wire).unwrap();
+                let mut plain = Vec::new();
+                let server_binding =
+                    unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut plain)
+                        .unwrap();
+                let mut response = Vec::new();
+                protect_response(&server, &server_binding, None, &answer, &mut response).unwrap();
+                (client, binding, response)
+            })
+            .collect();
+        let (mut wire, mut back) = (Vec::with_capacity(256), Vec::with_capacity(256));
+        let (mut turn, mut ssn) = (0usize, 1u64);
+        g.bench_function(BenchmarkId::new("AES-CCM-16-64-128", n), |b| {
+            b.iter(|| {
+                let (client, binding, response) = &contexts[turn];
+                turn = (turn + 1) % n;
+                ssn += 1;
+                protect_request(client, SenderSequenceNumber(ssn), &request, &mut wire).unwrap();
+                let outer = MessageView::parse(response).unwrap();
+                unprotect_response(client, binding, &outer, &mut back).unwrap();
+                black_box((wire.len(), back.len()))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, derivation, request, response, outbound_contexts);
 criterion_main!(benches);
