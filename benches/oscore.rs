@@ -32,7 +32,11 @@ fn params(aead: AeadAlgorithm) -> ContextParams {
 }
 
 fn pair(aead: AeadAlgorithm) -> (SecurityContext, SecurityContext) {
-    let p = params(aead);
+    pair_from(params(aead))
+}
+
+/// The client's context from `p` and the server's matching one (IDs swapped).
+fn pair_from(p: ContextParams) -> (SecurityContext, SecurityContext) {
     let mut q = p.clone();
     std::mem::swap(&mut q.sender_id, &mut q.recipient_id);
     (
@@ -187,10 +191,7 @@ fn outbound_contexts(c: &mut Criterion) {
             .map(|i| {
                 let mut p = params(AeadAlgorithm::AesCcm16_64_128);
                 p.master_secret = (i as u64).to_be_bytes().repeat(2);
-                let mut q = p.clone();
-                std::mem::swap(&mut q.sender_id, &mut q.recipient_id);
-                let client = SecurityContext::derive(&p, ReplayWindow::new_empty(32)).unwrap();
-                let server = SecurityContext::derive(&q, ReplayWindow::new_empty(32)).unwrap();
+                let (client, server) = pair_from(p);
                 let mut wire = Vec::new();
                 let binding =
                     protect_request(&client, SenderSequenceNumber(0), &request, &mut wire).unwrap();
