@@ -124,8 +124,11 @@ wait_port() {
     exit 1
 }
 
-ticks() { # utime+stime of PID in clock ticks (fields 14, 15 after the comm)
-    sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+ticks() { # utime+stime of PID in clock ticks
+    stat_ticks "/proc/$1/stat"
+}
+stat_ticks() { # utime+stime from a /proc stat file (fields 14, 15 after the comm)
+    sed 's/^.*) //' "$1" 2>/dev/null | awk '{print $12 + $13}'
 }
 # Waits (at most $2 s, default 60) until the sequence persister thread of gateway PID $1
 # (thread name oscore-persist) used no CPU for one second, and prints how long that took.
@@ -138,10 +141,10 @@ wait_persister_idle() {
     done
     if [ -z "$task" ]; then echo 0; return; fi
     start=$(date +%s.%N)
-    last=$(sed 's/^.*) //' "$task/stat" | awk '{print $12 + $13}')
+    last=$(stat_ticks "$task/stat")
     for _ in $(seq "$limit"); do
         sleep 1
-        now=$(sed 's/^.*) //' "$task/stat" 2>/dev/null | awk '{print $12 + $13}')
+        now=$(stat_ticks "$task/stat")
         if [ "$now" = "$last" ]; then break; fi
         last=$now
     done
