@@ -211,7 +211,8 @@ fn check_nonce(algorithm: AeadAlgorithm, nonce: &[u8]) -> Result<(), AeadError> 
     }
 }
 
-/// CCM with a 13-byte nonce (L = 2) cannot encrypt more than 2^16 - 1 bytes.
+/// CCM with a 13-byte nonce has a 2-byte length field (L = 15 - 13, RFC 3610 §2.1), so it
+/// cannot encrypt more than 2^16 - 1 bytes.
 fn check_message_len(algorithm: AeadAlgorithm, len: usize) -> Result<(), AeadError> {
     let max = match algorithm.nonce_len() {
         13 => CCM_L2_MAX_LEN,
