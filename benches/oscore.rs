@@ -1,7 +1,9 @@
 //! OSCORE costs: context derivation, and protect + unprotect of a request and of a response
 //! for every AEAD algorithm with 64-byte and 1 KiB payloads; and the client side of one
 //! outbound exchange (protect a request, unprotect its response) over 1 or 10 000 contexts
-//! in round-robin use, the memory cost of many contexts without the network's noise.
+//! in round-robin use, the memory cost of many contexts without the network's noise; and
+//! the same in batches of 32 in a shuffled order, with and without prefetching each batch's
+//! contexts first (`contexts/outbound-batch`).
 //!
 //! Quick check: `cargo bench --bench oscore -- --test`. Full run: `cargo bench --bench oscore`
 //! (about three minutes; filter with e.g. `-- request/AES-CCM-16-64-128`).
@@ -15,6 +17,7 @@ use oscore_gateway::oscore::{
     protect_request, protect_response, unprotect_request, unprotect_response, AeadAlgorithm,
     ContextParams, HkdfAlgorithm, ReplayWindow, SecurityContext, SenderSequenceNumber,
 };
+use oscore_gateway::prefetch;
 
 const PAYLOAD_SIZES: [usize; 2] = [64, 1024];
 
@@ -221,5 +224,112 @@ fn outbound_contexts(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, derivation, request, response, outbound_contexts);
+/// `contexts/outbound` as the gateway meets it under load: 10 000 contexts, each in its own
+/// allocation, used in a shuffled order, 32 exchanges (one receive batch) per iteration.
+/// `in-turn` does the 32 one after the other; `prefetched` first prefetches, for all 32,
+/// each context's first 128 bytes and both key schedules from addresses kept beside it (as
+/// the gateway's memo keeps them, `gateway::Arrival`), then does the 32. The difference is
+/// what overlapping the misses across a batch buys; per exchange it is the time / 32.
+fn outbound_batches(c: &mut Criterion) {
+    const N: usize = 10_000;
+    const BATCH: usize = 32;
+    let mut g = c.benchmark_group("contexts/outbound-batch");
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(BATCH as u64));
+    let request = message(
+        MessageType::Confirmable,
+        Code::GET,
+        &[(number::URI_PATH, b"x")],
+        &[0xa5; 64],
+    );
+    let request = MessageView::parse(&request).unwrap();
+    let answer = message(
+        MessageType::Acknowledgement,
+        Code::CONTENT,
+        &[(number::CONTENT_FORMAT, &[0])],
+        &[0x5a; 64],
+    );
+    let answer = MessageView::parse(&answer).unwrap();
+    struct Used {
+        client: SecurityContext,
+        binding: oscore_gateway::oscore::RequestBinding,
+        response: Vec<u8>,
+    }
+    let contexts: Vec<Box<Used>> = (0..N)
+        .map(|i| {
+            let mut p = params(AeadAlgorithm::AesCcm16_64_128);
+            p.master_secret = (i as u64).to_be_bytes().repeat(2);
+            let (client, server) = pair_from(p);
+            let mut wire = Vec::new();
+            let binding =
+                protect_request(&client, SenderSequenceNumber(0), &request, &mut wire).unwrap();
+            let mut plain = Vec::new();
+            let server_binding =
+                unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut plain)
+                    .unwrap();
+            let mut response = Vec::new();
+            protect_response(&server, &server_binding, None, &answer, &mut response).unwrap();
+            Box::new(Used {
+                client,
+                binding,
+                response,
+            })
+        })
+        .collect();
+    // addresses kept beside each context: the context itself and its two key schedules
+    let lines: Vec<[(usize, usize); 3]> = contexts
+        .iter()
+        .map(|u| {
+            let [s, r] = u.client.key_schedule_spans();
+            [(prefetch::address_of(&u.client), 128), s, r]
+        })
+        .collect();
+    // a fixed shuffle (xorshift, Fisher-Yates): no stride for the hardware prefetcher
+    let mut order: Vec<usize> = (0..N).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..N).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    for prefetched in [false, true] {
+        let (mut wire, mut back) = (Vec::with_capacity(256), Vec::with_capacity(256));
+        let (mut at, mut ssn) = (0usize, 1u64);
+        let name = if prefetched { "prefetched" } else { "in-turn" };
+        g.bench_function(BenchmarkId::new("AES-CCM-16-64-128", name), |b| {
+            b.iter(|| {
+                let batch = &order[at..at + BATCH];
+                at = (at + BATCH) % (N - N % BATCH);
+                if prefetched {
+                    for &i in batch {
+                        for (start, len) in lines[i] {
+                            prefetch::bytes(start, len);
+                        }
+                    }
+                }
+                for &i in batch {
+                    let u = &contexts[i];
+                    ssn += 1;
+                    protect_request(&u.client, SenderSequenceNumber(ssn), &request, &mut wire)
+                        .unwrap();
+                    let outer = MessageView::parse(&u.response).unwrap();
+                    unprotect_response(&u.client, &u.binding, &outer, &mut back).unwrap();
+                    black_box((wire.len(), back.len()));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    derivation,
+    request,
+    response,
+    outbound_contexts,
+    outbound_batches
+);
 criterion_main!(benches);

@@ -10,3 +10,4 @@ pub mod credentials;
 pub mod gateway;
 pub mod load;
 pub mod oscore;
+pub mod prefetch;

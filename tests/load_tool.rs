@@ -468,6 +468,66 @@ fn spread_uses_every_context() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("{i}"));
 }
 
+/// More credentials entries than `gateway::MANY_CONTEXTS`, and a window that makes requests
+/// arrive in batches: each batched request then prefetches its memoised context's lines and
+/// yields once before it protects (`gateway::Arrival`). Every request must still succeed,
+/// through the right context: each context is verified by its own origin-side context, and
+/// after the gateway closed them each context's sequence.json says it protected its share.
+#[test]
+fn batched_requests_over_many_contexts() {
+    let n = oscore_gateway::gateway::MANY_CONTEXTS + 44;
+    let per_context = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let origin = free_port();
+    let gw_port = free_port();
+    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), n, origin, false);
+    let config = oscore_gateway_config(tmp.path(), gw_port, "");
+    let o = start(
+        &[
+            "--serve",
+            &format!("127.0.0.1:{origin}"),
+            "--credentials",
+            srv_creds.to_str().unwrap(),
+        ],
+        origin,
+    );
+    let g = start_gateway(&config, Some(&gw_creds), gw_port);
+    let spread = n.to_string();
+    // The first pass opens every context (memoised from then on); the later passes are
+    // the ones that prefetch.
+    let count = (n * per_context).to_string();
+    let r = run_load(&[
+        &format!("coap://127.0.0.1:{origin}/c{{i}}/x"),
+        "--spread",
+        &spread,
+        "--proxy",
+        &format!("coap://127.0.0.1:{gw_port}"),
+        "--proxy-scheme",
+        "--count",
+        &count,
+        "--window",
+        "64",
+    ]);
+    assert_sane(&r, (n * per_context) as u64);
+    drop(g);
+    drop(o);
+    for i in 0..n {
+        let f = tmp
+            .path()
+            .join("gw")
+            .join(format!("c{i}"))
+            .join("sequence.json");
+        let text = std::fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("context c{i} was never opened ({}): {e}", f.display()));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let next = v["next-to-send"].as_u64().unwrap();
+        assert!(
+            next >= per_context as u64,
+            "context c{i} protected fewer than its {per_context} requests: {text}"
+        );
+    }
+}
+
 /// An OSCORE `load --serve` origin (notifying every 100 ms) behind an OSCORE gateway with
 /// `[observe] max_relations`, for the `--observe` tests. `unknown_window`: the origin
 /// starts as after a crash (App. B.1.2), so its first answers are 4.01 + Echo.

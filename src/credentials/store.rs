@@ -235,6 +235,12 @@ impl ContextPersister {
         self.shared().is_closed()
     }
 
+    /// The address of the one cache line every request reads (closed flag, chunk, Sender
+    /// Sequence counter: `Shared` keeps them in its first 64 bytes), for a prefetch.
+    pub fn hot_line(&self) -> usize {
+        crate::prefetch::address_of(&**self.shared())
+    }
+
     /// Takes the next number if it is already covered on disk; never waits.
     pub fn try_next_sequence_number(&self) -> Result<SenderSequenceNumber, NextSequenceError> {
         let shared = self.shared();

@@ -206,6 +206,11 @@ async fn serve(
             // arrival order).
             let separate_wait =
                 (msg.mtype == MessageType::Confirmable).then(|| separate_after.wait_from(now));
+            let arrival = if received > 1 {
+                super::Arrival::InBatch
+            } else {
+                super::Arrival::Alone
+            };
             let fut = async move {
                 let guard = guard;
                 let Ok(request) = MessageView::parse(&datagram) else {
@@ -226,7 +231,7 @@ async fn serve(
                         // bigger (4.4 KiB in all).
                         Box::pin(gateway.handle_observe_request(&request, &datagram, client)).await
                     } else {
-                        gateway.handle_request_from(peer, &request).await
+                        gateway.handle_arrival(peer, &request, arrival).await
                     }
                 };
                 tokio::pin!(work);

@@ -258,6 +258,22 @@ impl AeadKey {
         Ok(Self { cipher })
     }
 
+    /// Where this key's schedule (the boxed cipher instance) lies: address and length, for
+    /// a prefetch ahead of an operation with it. With thousands of contexts in turn a
+    /// schedule is cold when its context's turn comes (three 64-byte lines for AES-128).
+    #[inline]
+    pub fn schedule_span(&self) -> (usize, usize) {
+        with_cipher!(&self.cipher, c => (crate::prefetch::address_of(&**c), std::mem::size_of_val(&**c)))
+    }
+
+    /// Prefetches the key schedule (see [`schedule_span`](Self::schedule_span)). A hint
+    /// only: results are the same without it.
+    #[inline]
+    pub fn prefetch(&self) {
+        let (start, len) = self.schedule_span();
+        crate::prefetch::bytes(start, len);
+    }
+
     pub fn algorithm(&self) -> AeadAlgorithm {
         use AeadAlgorithm as A;
         match self.cipher {

@@ -333,6 +333,16 @@ impl SecurityContext {
         &self.common_iv
     }
 
+    /// Where the Sender Key's and the Recipient Key's schedules lie (address and length of
+    /// each), for a caller that keeps them to prefetch later without reading this context
+    /// first (`crate::prefetch`).
+    pub fn key_schedule_spans(&self) -> [(usize, usize); 2] {
+        [
+            self.sender_key.schedule_span(),
+            self.recipient_key.schedule_span(),
+        ]
+    }
+
     pub(crate) fn sender_key(&self) -> &AeadKey {
         &self.sender_key
     }
