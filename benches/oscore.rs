@@ -166,6 +166,47 @@ fn response(c: &mut Criterion) {
     g.finish();
 }
 
+/// A 64-byte GET and the origin's 64-byte 2.05 answer to it, for the `contexts/*` benches.
+fn exchange_messages() -> (Vec<u8>, Vec<u8>) {
+    let request = message(
+        MessageType::Confirmable,
+        Code::GET,
+        &[(number::URI_PATH, b"x")],
+        &[0xa5; 64],
+    );
+    let answer = message(
+        MessageType::Acknowledgement,
+        Code::CONTENT,
+        &[(number::CONTENT_FORMAT, &[0])],
+        &[0x5a; 64],
+    );
+    (request, answer)
+}
+
+/// Client context `i` (its own Master Secret), the binding of its protected `request`, and
+/// the origin's protected `answer` to it (made here, as the origin would).
+fn used_context(
+    i: usize,
+    request: &MessageView<'_>,
+    answer: &MessageView<'_>,
+) -> (
+    SecurityContext,
+    oscore_gateway::oscore::RequestBinding,
+    Vec<u8>,
+) {
+    let mut p = params(AeadAlgorithm::AesCcm16_64_128);
+    p.master_secret = (i as u64).to_be_bytes().repeat(2);
+    let (client, server) = pair_from(p);
+    let mut wire = Vec::new();
+    let binding = protect_request(&client, SenderSequenceNumber(0), request, &mut wire).unwrap();
+    let mut plain = Vec::new();
+    let server_binding =
+        unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut plain).unwrap();
+    let mut response = Vec::new();
+    protect_response(&server, &server_binding, None, answer, &mut response).unwrap();
+    (client, binding, response)
+}
+
 /// What the gateway does per outbound request with a context, over `n` contexts in turn:
 /// protect a 64-byte GET, unprotect the origin's response (made once per context at set-up,
 /// as the origin would, so only the client side is measured). With 10 000 contexts each one
@@ -174,39 +215,14 @@ fn outbound_contexts(c: &mut Criterion) {
     let mut g = c.benchmark_group("contexts/outbound");
     g.warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    let request = message(
-        MessageType::Confirmable,
-        Code::GET,
-        &[(number::URI_PATH, b"x")],
-        &[0xa5; 64],
+    let (request, answer) = exchange_messages();
+    let (request, answer) = (
+        MessageView::parse(&request).unwrap(),
+        MessageView::parse(&answer).unwrap(),
     );
-    let request = MessageView::parse(&request).unwrap();
-    let answer = message(
-        MessageType::Acknowledgement,
-        Code::CONTENT,
-        &[(number::CONTENT_FORMAT, &[0])],
-        &[0x5a; 64],
-    );
-    let answer = MessageView::parse(&answer).unwrap();
     for n in [1usize, 10_000] {
         // (client context, the binding of its request, the origin's protected response)
-        let contexts: Vec<_> = (0..n)
-            .map(|i| {
-                let mut p = params(AeadAlgorithm::AesCcm16_64_128);
-                p.master_secret = (i as u64).to_be_bytes().repeat(2);
-                let (client, server) = pair_from(p);
-                let mut wire = Vec::new();
-                let binding =
-                    protect_request(&client, SenderSequenceNumber(0), &request, &mut wire).unwrap();
-                let mut plain = Vec::new();
-                let server_binding =
-                    unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut plain)
-                        .unwrap();
-                let mut response = Vec::new();
-                protect_response(&server, &server_binding, None, &answer, &mut response).unwrap();
-                (client, binding, response)
-            })
-            .collect();
+        let contexts: Vec<_> = (0..n).map(|i| used_context(i, &request, &answer)).collect();
         let (mut wire, mut back) = (Vec::with_capacity(256), Vec::with_capacity(256));
         let (mut turn, mut ssn) = (0usize, 1u64);
         g.bench_function(BenchmarkId::new("AES-CCM-16-64-128", n), |b| {
@@ -237,20 +253,11 @@ fn outbound_batches(c: &mut Criterion) {
     g.warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(BATCH as u64));
-    let request = message(
-        MessageType::Confirmable,
-        Code::GET,
-        &[(number::URI_PATH, b"x")],
-        &[0xa5; 64],
+    let (request, answer) = exchange_messages();
+    let (request, answer) = (
+        MessageView::parse(&request).unwrap(),
+        MessageView::parse(&answer).unwrap(),
     );
-    let request = MessageView::parse(&request).unwrap();
-    let answer = message(
-        MessageType::Acknowledgement,
-        Code::CONTENT,
-        &[(number::CONTENT_FORMAT, &[0])],
-        &[0x5a; 64],
-    );
-    let answer = MessageView::parse(&answer).unwrap();
     struct Used {
         client: SecurityContext,
         binding: oscore_gateway::oscore::RequestBinding,
@@ -258,18 +265,7 @@ fn outbound_batches(c: &mut Criterion) {
     }
     let contexts: Vec<Box<Used>> = (0..N)
         .map(|i| {
-            let mut p = params(AeadAlgorithm::AesCcm16_64_128);
-            p.master_secret = (i as u64).to_be_bytes().repeat(2);
-            let (client, server) = pair_from(p);
-            let mut wire = Vec::new();
-            let binding =
-                protect_request(&client, SenderSequenceNumber(0), &request, &mut wire).unwrap();
-            let mut plain = Vec::new();
-            let server_binding =
-                unprotect_request(&server, &MessageView::parse(&wire).unwrap(), &mut plain)
-                    .unwrap();
-            let mut response = Vec::new();
-            protect_response(&server, &server_binding, None, &answer, &mut response).unwrap();
+            let (client, binding, response) = used_context(i, &request, &answer);
             Box::new(Used {
                 client,
                 binding,

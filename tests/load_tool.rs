@@ -409,74 +409,12 @@ fn oscore_gateway_config(dir: &Path, port: u16, extra: &str) -> std::path::PathB
     p
 }
 
-/// `--spread 3`: the requests go round-robin to .../c0/x, .../c1/x, .../c2/x, so the gateway
-/// uses (opens, on first use) each of the three contexts; after it closed them, every
-/// context's sequence.json says it protected its share of the requests.
-#[test]
-fn spread_uses_every_context() {
-    let tmp = tempfile::tempdir().unwrap();
-    let origin = free_port();
-    let gw_port = free_port();
-    let (gw_creds, srv_creds) = write_context_pairs(tmp.path(), 3, origin, false);
-    let config = oscore_gateway_config(tmp.path(), gw_port, "");
-    let o = start(
-        &[
-            "--serve",
-            &format!("127.0.0.1:{origin}"),
-            "--credentials",
-            srv_creds.to_str().unwrap(),
-        ],
-        origin,
-    );
-    let g = start_gateway(&config, Some(&gw_creds), gw_port);
-    let r = run_load(&[
-        &format!("coap://127.0.0.1:{origin}/c{{i}}/x"),
-        "--spread",
-        "3",
-        "--proxy",
-        &format!("coap://127.0.0.1:{gw_port}"),
-        "--proxy-scheme",
-        "--count",
-        "30",
-        "--window",
-        "4",
-    ]);
-    assert_sane(&r, 30);
-    drop(g); // SIGTERM: the gateway writes each open context's exact sequence number
-    drop(o);
-    for i in 0..3 {
-        let f = tmp
-            .path()
-            .join("gw")
-            .join(format!("c{i}"))
-            .join("sequence.json");
-        let text = std::fs::read_to_string(&f)
-            .unwrap_or_else(|e| panic!("context c{i} was never opened ({}): {e}", f.display()));
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let next = v["next-to-send"].as_u64().unwrap();
-        assert!(
-            next >= 10,
-            "context c{i} protected fewer than its 10 requests: {text}"
-        );
-    }
-    // --spread needs {i} in the URI
-    let out = Command::new(BIN)
-        .args(["load", "coap://127.0.0.1:9/x", "--spread", "3"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("{i}"));
-}
-
-/// More credentials entries than `gateway::MANY_CONTEXTS`, and a window that makes requests
-/// arrive in batches: each batched request then prefetches its memoised context's lines and
-/// yields once before it protects (`gateway::Arrival`). Every request must still succeed,
-/// through the right context: each context is verified by its own origin-side context, and
-/// after the gateway closed them each context's sequence.json says it protected its share.
-#[test]
-fn batched_requests_over_many_contexts() {
-    let n = oscore_gateway::gateway::MANY_CONTEXTS + 44;
-    let per_context = 4;
+/// `n` context pairs, an OSCORE origin and a gateway with one pattern per context; sends
+/// `n * per_context` requests at `window` round-robin over them through the gateway
+/// (`--spread`), checks that all succeeded, stops both (SIGTERM: the gateway writes each
+/// open context's exact sequence number), and checks that every context's sequence.json
+/// says it protected at least its share.
+fn spread_through_gateway(n: usize, per_context: usize, window: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let origin = free_port();
     let gw_port = free_port();
@@ -492,23 +430,20 @@ fn batched_requests_over_many_contexts() {
         origin,
     );
     let g = start_gateway(&config, Some(&gw_creds), gw_port);
-    let spread = n.to_string();
-    // The first pass opens every context (memoised from then on); the later passes are
-    // the ones that prefetch.
-    let count = (n * per_context).to_string();
+    let count = n * per_context;
     let r = run_load(&[
         &format!("coap://127.0.0.1:{origin}/c{{i}}/x"),
         "--spread",
-        &spread,
+        &n.to_string(),
         "--proxy",
         &format!("coap://127.0.0.1:{gw_port}"),
         "--proxy-scheme",
         "--count",
-        &count,
+        &count.to_string(),
         "--window",
-        "64",
+        &window.to_string(),
     ]);
-    assert_sane(&r, (n * per_context) as u64);
+    assert_sane(&r, count as u64);
     drop(g);
     drop(o);
     for i in 0..n {
@@ -526,6 +461,32 @@ fn batched_requests_over_many_contexts() {
             "context c{i} protected fewer than its {per_context} requests: {text}"
         );
     }
+}
+
+/// `--spread 3`: the requests go round-robin to .../c0/x, .../c1/x, .../c2/x, so the gateway
+/// uses (opens, on first use) each of the three contexts; after it closed them, every
+/// context's sequence.json says it protected its share of the requests.
+#[test]
+fn spread_uses_every_context() {
+    spread_through_gateway(3, 10, 4);
+    // --spread needs {i} in the URI
+    let out = Command::new(BIN)
+        .args(["load", "coap://127.0.0.1:9/x", "--spread", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("{i}"));
+}
+
+/// More credentials entries than `gateway::MANY_CONTEXTS`, and a window that makes requests
+/// arrive in batches: each batched request then prefetches its memoised context's lines and
+/// yields once before it protects (`gateway::Arrival`); `load --serve` prefetches its batches
+/// too. Every request must still succeed through the right context (each is verified by its
+/// own origin-side context), and each context must have protected its share. The first of
+/// the four passes opens every context; the later ones take the prefetching way.
+#[test]
+fn batched_requests_over_many_contexts() {
+    spread_through_gateway(oscore_gateway::gateway::MANY_CONTEXTS + 44, 4, 64);
 }
 
 /// An OSCORE `load --serve` origin (notifying every 100 ms) behind an OSCORE gateway with
