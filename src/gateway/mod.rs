@@ -420,7 +420,12 @@ impl Gateway {
                 inbound::refuse_plain(route, i)?;
             }
         }
-        let cached = self.credential_cache.cached(&target.uri);
+        // Without credentials nothing is looked up (plain forwarding or a refusal).
+        let cached = self
+            .credentials
+            .is_some()
+            .then(|| self.credential_cache.cached(&target.uri))
+            .flatten();
         if arrival == Arrival::InBatch && self.many_contexts {
             if let Some(Some(i)) = cached {
                 // See `Arrival`: this context's lines load while the batch's other
