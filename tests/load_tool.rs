@@ -480,7 +480,7 @@ fn spread_uses_every_context() {
 
 /// More credentials entries than `gateway::MANY_CONTEXTS`, and a window that makes requests
 /// arrive in batches: each batched request then prefetches its memoised context's lines and
-/// yields once before it protects (`gateway::Arrival`); `load --serve` prefetches its batches
+/// yields before it protects (`gateway::Arrival`); `load --serve` prefetches its batches
 /// too. Every request must still succeed through the right context (each is verified by its
 /// own origin-side context), and each context must have protected its share. The first of
 /// the four passes opens every context; the later ones take the prefetching way.

@@ -75,8 +75,9 @@ pub enum GatewayError {
 /// How a request reached the gateway, for one scheduling choice.
 ///
 /// A request that came in one receive batch with others (`InBatch`), toward a target seen
-/// before, prefetches what its context's use will read and yields once: the batch's other
-/// requests then do the same, and when each resumes, its lines are in the cache. With
+/// before, prefetches what its context's use will read and yields (twice: the memo's line,
+/// then the lines whose addresses the memo holds): the batch's other requests then do the
+/// same, and when each resumes, its lines are in the cache. With
 /// thousands of contexts used in turn every context is cold when its turn comes: its hot
 /// fields, its persister's line and its two key schedules are nine cache misses with
 /// AES-CCM-16-64-128 (`ProtectionLines`). Taken one request after another they stall in
@@ -429,7 +430,13 @@ impl Gateway {
         if arrival == Arrival::InBatch && self.many_contexts {
             if let Some(Some(i)) = cached {
                 // See `Arrival`: this context's lines load while the batch's other
-                // requests find theirs, instead of one miss after another.
+                // requests find theirs, instead of one miss after another. In two steps:
+                // the memo's own line first (its address is known from the index alone),
+                // then, from the addresses in it, the context's lines.
+                if let Some(slot) = self.entry_contexts.get(i) {
+                    crate::prefetch::bytes(crate::prefetch::address_of(slot), 64);
+                    tokio::task::yield_now().await;
+                }
                 if self.prefetch_memoised(i) {
                     tokio::task::yield_now().await;
                 }
