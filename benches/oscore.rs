@@ -258,27 +258,15 @@ fn outbound_batches(c: &mut Criterion) {
         MessageView::parse(&request).unwrap(),
         MessageView::parse(&answer).unwrap(),
     );
-    struct Used {
-        client: SecurityContext,
-        binding: oscore_gateway::oscore::RequestBinding,
-        response: Vec<u8>,
-    }
-    let contexts: Vec<Box<Used>> = (0..N)
-        .map(|i| {
-            let (client, binding, response) = used_context(i, &request, &answer);
-            Box::new(Used {
-                client,
-                binding,
-                response,
-            })
-        })
+    let contexts: Vec<Box<_>> = (0..N)
+        .map(|i| Box::new(used_context(i, &request, &answer)))
         .collect();
     // addresses kept beside each context: the context itself and its two key schedules
     let lines: Vec<[(usize, usize); 3]> = contexts
         .iter()
         .map(|u| {
-            let [s, r] = u.client.key_schedule_spans();
-            [(prefetch::address_of(&u.client), 128), s, r]
+            let [s, r] = u.0.key_schedule_spans();
+            [(prefetch::address_of(&u.0), 128), s, r]
         })
         .collect();
     // a fixed shuffle (xorshift, Fisher-Yates): no stride for the hardware prefetcher
@@ -306,12 +294,12 @@ fn outbound_batches(c: &mut Criterion) {
                     }
                 }
                 for &i in batch {
-                    let u = &contexts[i];
+                    let (client, binding, response) = &*contexts[i];
                     ssn += 1;
-                    protect_request(&u.client, SenderSequenceNumber(ssn), &request, &mut wire)
+                    protect_request(client, SenderSequenceNumber(ssn), &request, &mut wire)
                         .unwrap();
-                    let outer = MessageView::parse(&u.response).unwrap();
-                    unprotect_response(&u.client, &u.binding, &outer, &mut back).unwrap();
+                    let outer = MessageView::parse(response).unwrap();
+                    unprotect_response(client, binding, &outer, &mut back).unwrap();
                     black_box((wire.len(), back.len()));
                 }
             })

@@ -77,12 +77,11 @@ pub enum GatewayError {
 /// A request that came in one receive batch with others (`InBatch`), toward a target seen
 /// before, prefetches what its context's use will read and yields (twice: the memo's line,
 /// then the lines whose addresses the memo holds): the batch's other requests then do the
-/// same, and when each resumes, its lines are in the cache. With
-/// thousands of contexts used in turn every context is cold when its turn comes: its hot
-/// fields, its persister's line and its two key schedules are nine cache misses with
-/// AES-CCM-16-64-128 (`ProtectionLines`). Taken one request after another they stall in
-/// sequence; prefetched across the batch, from addresses kept beside the memoised context,
-/// they overlap. Only with more than [`MANY_CONTEXTS`] credentials entries: with fewer, the
+/// same, and when each resumes, its lines are in the cache. With thousands of contexts used
+/// in turn every context is cold when its turn comes: its hot fields, its persister's line
+/// and its two key schedules are nine cache misses with AES-CCM-16-64-128
+/// (`ProtectionLines`). Taken one request after another they stall in sequence; prefetched
+/// across the batch, from addresses kept beside the memoised context, they overlap. Only with more than [`MANY_CONTEXTS`] credentials entries: with fewer, the
 /// contexts stay in the cache and the yield would cost without saving. A request alone in
 /// its batch (W=1) never yields: nothing could overlap, and the yield costs a driver poll.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -427,20 +426,8 @@ impl Gateway {
             .is_some()
             .then(|| self.credential_cache.cached(&target.uri))
             .flatten();
-        if arrival == Arrival::InBatch && self.many_contexts {
-            if let Some(Some(i)) = cached {
-                // See `Arrival`: this context's lines load while the batch's other
-                // requests find theirs, instead of one miss after another. In two steps:
-                // the memo's own line first (its address is known from the index alone),
-                // then, from the addresses in it, the context's lines.
-                if let Some(slot) = self.entry_contexts.get(i) {
-                    crate::prefetch::bytes(crate::prefetch::address_of(slot), 64);
-                    tokio::task::yield_now().await;
-                }
-                if self.prefetch_memoised(i) {
-                    tokio::task::yield_now().await;
-                }
-            }
+        if let (Arrival::InBatch, true, Some(Some(i))) = (arrival, self.many_contexts, cached) {
+            self.prefetch_memoised(i).await;
         }
         match self.oscore_protection_from(&target, cached).await? {
             Some(protection) => {
@@ -538,14 +525,22 @@ impl Gateway {
             .cloned()
     }
 
-    /// Prefetches what a request through entry `index`'s memoised context reads
-    /// (`ProtectionLines`); false if none is memoised.
-    fn prefetch_memoised(&self, index: usize) -> bool {
+    /// Prefetches what a request through entry `index`'s memoised context reads, yielding
+    /// after each step so that the batch's other requests prefetch theirs meanwhile (see
+    /// `Arrival`): the memo's own line first (its address follows from the index alone),
+    /// then, from the addresses the memo keeps, the context's lines (`ProtectionLines`).
+    async fn prefetch_memoised(&self, index: usize) {
+        use crate::prefetch::{address_of, bytes, LINE};
         let Some(slot) = self.entry_contexts.get(index) else {
-            return false;
+            return;
         };
-        let memo = lock(&slot.0);
-        memo.as_ref().map(|m| m.lines.prefetch()).is_some()
+        bytes(address_of(slot), LINE);
+        tokio::task::yield_now().await;
+        // the guard is dropped before the second yield
+        let prefetched = lock(&slot.0).as_ref().map(|m| m.lines.prefetch()).is_some();
+        if prefetched {
+            tokio::task::yield_now().await;
+        }
     }
 }
 

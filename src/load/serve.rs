@@ -25,7 +25,7 @@ use crate::coap::option::{decode_uint, encode_uint};
 use crate::coap::{number, Code, MessageBuilder, MessageType, MessageView};
 use crate::gateway::mmsg::send_batch_to;
 use crate::oscore::{
-    parse_request_kid, protect_response, unprotect_request, OscoreError, RequestBinding,
+    parse_request_kid, protect_response, unprotect_request, OscoreError, RequestBinding, RequestKid,
 };
 
 use super::oscore_ctx::{server_contexts, OpenedContext};
@@ -311,13 +311,19 @@ impl Origin {
         self.handle_inner(datagram, Some(peer), out)
     }
 
-    /// More contexts than this and a batch's requests are looked up and their contexts
-    /// prefetched before any is answered (`prefetch_for`): the gateway's threshold.
-    pub const MANY_CONTEXTS: usize = crate::gateway::MANY_CONTEXTS;
-
-    /// Whether the serve loop should prefetch before answering a batch.
+    /// Whether the serve loop should prefetch before answering a batch (`prefetch_for`):
+    /// with more contexts than the gateway's threshold, `gateway::MANY_CONTEXTS`.
     pub fn prefetches(&self) -> bool {
-        self.contexts.len() > Self::MANY_CONTEXTS
+        self.contexts.len() > crate::gateway::MANY_CONTEXTS
+    }
+
+    /// The index in `contexts` of the context a request's kid (and kid context) names.
+    fn context_for(&self, k: &RequestKid<'_>) -> Option<usize> {
+        self.by_kid.get(k.kid).and_then(|v| {
+            v.iter()
+                .copied()
+                .find(|&i| self.contexts[i].ctx.id_context() == k.kid_context)
+        })
     }
 
     /// Prefetches what answering the OSCORE request `datagram` will read: its context's
@@ -335,11 +341,7 @@ impl Origin {
         let Ok(k) = parse_request_kid(&req) else {
             return;
         };
-        let Some(c) = self.by_kid.get(k.kid).and_then(|v| {
-            v.iter()
-                .map(|&i| &self.contexts[i])
-                .find(|c| c.ctx.id_context() == k.kid_context)
-        }) else {
+        let Some(c) = self.context_for(&k).map(|i| &self.contexts[i]) else {
             return;
         };
         bytes(address_of(c), std::mem::size_of::<OpenedContext>());
@@ -497,11 +499,7 @@ impl Origin {
         out: &mut Vec<u8>,
     ) -> bool {
         let idx = match parse_request_kid(req) {
-            Ok(k) => self.by_kid.get(k.kid).and_then(|v| {
-                v.iter()
-                    .copied()
-                    .find(|&i| self.contexts[i].ctx.id_context() == k.kid_context)
-            }),
+            Ok(k) => self.context_for(&k),
             Err(e) => return self.plain_error(&e, req, mtype, mid, out),
         };
         let Some(idx) = idx else {
